@@ -25,7 +25,9 @@ def run_demo(*, quick: bool = False, out: TextIO = sys.stdout) -> int:
         ctx, token = open_call()
         ctx.operation = "chat"
         ctx.request_model = "gpt-4o-mini" if i % 10 else "gpt-4o"
-        result = ChatResult(content="ok", model=ctx.request_model, usage=Usage(1200, 80, 1280, 1024))
+        result = ChatResult(
+            content="ok", model=ctx.request_model, usage=Usage(1200, 80, 1280, 1024)
+        )
         return close_call(ctx, token, result=result)
 
     n = 20 if quick else 200
