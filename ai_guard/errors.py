@@ -8,7 +8,10 @@ upstream error), never an API key.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ai_guard.ratelimit import RateLimitInfo
 
 __all__ = [
     "AIGuardError",
@@ -25,6 +28,7 @@ __all__ = [
     "StoreUnavailableError",
     "StreamError",
     "StructuredOutputError",
+    "StructuredOutputRefusalError",
     "StructuredOutputTruncatedError",
     "UpstreamError",
     "UpstreamTimeoutError",
@@ -87,7 +91,7 @@ class RateLimitExceeded(AIGuardError):
         message: str = "rate limit exceeded",
         *,
         attempts: int = 1,
-        info: Any = None,
+        info: RateLimitInfo | None = None,
         headers: Mapping[str, str] | None = None,
         status: int | None = 429,
         retry_after: float | None = None,
@@ -233,3 +237,14 @@ class StructuredOutputError(AIGuardError):
 
 class StructuredOutputTruncatedError(StructuredOutputError):
     """The reply stopped at the token limit (``finish_reason == "length"``)."""
+
+
+class StructuredOutputRefusalError(StructuredOutputError):
+    """The model refused to answer (``message.refusal``); ``refusal`` is its explanation.
+
+    Retrying the same request usually gets the same refusal: change the request instead.
+    """
+
+    def __init__(self, message: str, *, content: str = "", refusal: str) -> None:
+        self.refusal = refusal
+        super().__init__(message, content=content)
