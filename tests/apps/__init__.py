@@ -1,0 +1,1 @@
+"""Small real applications that the multi-process tests serve with gunicorn."""
