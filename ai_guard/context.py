@@ -167,6 +167,8 @@ class CallContext:
             self.response_model = event.model
         if event.finish_reason:
             self.finish_reasons = (event.finish_reason,)
+        if event.id:
+            self.response_id = event.id
         if event.type == "error" and event.error is not None:
             self.error_type = type(event.error).__name__
 

@@ -102,7 +102,8 @@ class StreamEvent:
     - ``type == "error"``: ``error`` is the exception (a :class:`~ai_guard.errors.StreamError`
       keeping ``partial_content``); it is the last event.
 
-    ``model`` and ``finish_reason`` are filled when the chunk carried them.
+    ``model`` and ``finish_reason`` are filled when the chunk carried them; ``id`` is the
+    completion's id (``chatcmpl-...``) once a chunk carried it.
     """
 
     type: Literal["content", "usage", "error"]
@@ -111,3 +112,4 @@ class StreamEvent:
     error: BaseException | None = None
     model: str | None = None
     finish_reason: str | None = None
+    id: str | None = None
