@@ -178,7 +178,7 @@ def test_memory_store_stays_bounded_under_key_flood() -> None:
     assert store.get("k0") is None
 
 
-def test_memory_store_evicts_expired_keys_before_live_ones() -> None:
+def test_memory_store_evicts_the_oldest_write_first() -> None:
     clock = FakeClock()
     store = MemoryStore(maxsize=3, clock=clock)
     store.set("short", b"v", ttl=1)
@@ -351,3 +351,13 @@ def test_redis_url_password_is_redacted() -> None:
     store = RedisStore("redis://:s3cret@127.0.0.1:1/0")
     assert "s3cret" not in store.url
     assert "s3cret" not in repr(store)
+
+
+def test_memory_store_rewriting_a_key_makes_it_young_again() -> None:
+    store = MemoryStore(maxsize=3)
+    for key in ("a", "b", "c"):
+        store.set(key, b"v")
+    store.set("a", b"v2")  # "b" is now the oldest write
+    store.set("d", b"v")
+    assert store.get("b") is None
+    assert [store.get(k) for k in ("a", "c", "d")] == [b"v2", b"v", b"v"]

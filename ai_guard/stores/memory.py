@@ -4,9 +4,11 @@ Why not ``cachetools.TTLCache``: it keeps one TTL for the whole cache (we need o
 key: an in-flight claim lives seconds, a stored response a day) and its Python-level
 bookkeeping costs about three times a dict under a lock (measured in
 ``benchmarks/bench_idempotency.py``). Here an ``OrderedDict`` (C-implemented) holds
-``key -> (value, expires_at)``; expiry is checked on read, and a write beyond ``maxsize``
-first drops expired keys from the oldest end, then the least recently written key. Memory
-is therefore bounded by ``maxsize`` whatever the key flood.
+``key -> (value, expires_at)`` in write order; expiry is checked on read, and a new key
+beyond ``maxsize`` evicts the least recently written one (which is also the first to
+expire among keys written with the same TTL). Memory is therefore bounded by ``maxsize``
+whatever the key flood, and a key written a moment ago (an in-flight claim) is the last
+to go.
 """
 
 from __future__ import annotations
@@ -23,10 +25,6 @@ from ai_guard.stores.base import Script, Store, StoreValue, script_arg
 __all__ = ["MemoryStore"]
 
 T = TypeVar("T")
-
-# How many entries from the oldest end one overflowing write inspects for expiry before it
-# evicts by age. Bounded so a write never scans the whole store.
-_EXPIRY_SCAN = 8
 
 
 class MemoryStore(Store):
@@ -62,8 +60,11 @@ class MemoryStore(Store):
         self._now = clock.monotonic
         self._data: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
         self._lock = threading.Lock()
+        self._ops = _LockedOps(self)
 
     # -- primitives, called with the lock held -------------------------------------------
+    # The public methods below inline these on the hot path (one clock read, no extra
+    # calls): a claim + complete + lookup is the idempotency guard's whole cost.
 
     def _get(self, key: str) -> bytes | None:
         item = self._data.get(key)
@@ -76,21 +77,11 @@ class MemoryStore(Store):
 
     def _set(self, key: str, value: bytes, ttl: float | None) -> None:
         data = self._data
+        existed = key in data
         data[key] = (value, self._now() + (self.default_ttl if ttl is None else ttl))
-        data.move_to_end(key)
-        if len(data) > self.maxsize:
-            self._evict()
-
-    def _evict(self) -> None:
-        data = self._data
-        now = self._now()
-        # Drop expired entries near the old end first; fall back to the oldest write.
-        for _ in range(_EXPIRY_SCAN):
-            oldest_key, (_, expires_at) = next(iter(data.items()))
-            if expires_at > now or len(data) <= self.maxsize:
-                break
-            del data[oldest_key]
-        while len(data) > self.maxsize:
+        if existed:
+            data.move_to_end(key)
+        elif len(data) > self.maxsize:
             data.popitem(last=False)
 
     def _delete(self, key: str) -> bool:
@@ -111,7 +102,13 @@ class MemoryStore(Store):
 
     def get(self, key: str) -> bytes | None:
         with self._lock:
-            return self._get(key)
+            item = self._data.get(key)
+            if item is None:
+                return None
+            if item[1] <= self._now():
+                del self._data[key]
+                return None
+            return item[0]
 
     def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
         with self._lock:
@@ -119,9 +116,16 @@ class MemoryStore(Store):
 
     def add(self, key: str, value: bytes, ttl: float | None = None) -> bool:
         with self._lock:
-            if self._get(key) is not None:
-                return False
-            self._set(key, value, ttl)
+            data = self._data
+            now = self._now()
+            item = data.get(key)
+            if item is not None:
+                if item[1] > now:
+                    return False
+                del data[key]  # expired: the key is free, and goes to the young end
+            data[key] = (value, now + (self.default_ttl if ttl is None else ttl))
+            if len(data) > self.maxsize:
+                data.popitem(last=False)
             return True
 
     def delete(self, key: str) -> bool:
@@ -132,14 +136,23 @@ class MemoryStore(Store):
         self, key: str, expected: bytes | None, value: bytes, ttl: float | None = None
     ) -> bool:
         with self._lock:
-            if self._get(key) != expected:
+            data = self._data
+            now = self._now()
+            item = data.get(key)
+            current = None if item is None or item[1] <= now else item[0]
+            if current != expected:
                 return False
-            self._set(key, value, ttl)
+            data[key] = (value, now + (self.default_ttl if ttl is None else ttl))
+            if item is not None:
+                data.move_to_end(key)
+            elif len(data) > self.maxsize:
+                data.popitem(last=False)
             return True
 
     def compare_and_delete(self, key: str, expected: bytes) -> bool:
         with self._lock:
-            if self._get(key) != expected:
+            item = self._data.get(key)
+            if item is None or item[1] <= self._now() or item[0] != expected:
                 return False
             del self._data[key]
             return True
@@ -160,9 +173,10 @@ class MemoryStore(Store):
             return self._ttl(key)
 
     def run(self, script: Script[T], keys: Sequence[str], args: Sequence[StoreValue] = ()) -> T:
-        str_args = [script_arg(a) for a in args]
+        str_args = [a if type(a) is str else script_arg(a) for a in args]
+        keys = keys if type(keys) is list else list(keys)
         with self._lock:
-            raw = script.python(_LockedOps(self), list(keys), str_args)
+            raw = script.python(self._ops, keys, str_args)
         return script.decode(raw)
 
     def ping(self) -> bool:
