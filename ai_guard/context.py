@@ -123,6 +123,10 @@ class CallContext:
     # -- what guards report --------------------------------------------------------------
 
     def observe_usage(self, usage: Usage) -> None:
+        if self.idempotent_replay:
+            # A replayed result was paid for by the call that produced it: span, metrics
+            # and log line all count this call as spending no tokens.
+            return
         self.usage_known = True
         self.input_tokens = usage.prompt_tokens
         self.output_tokens = usage.completion_tokens

@@ -188,3 +188,20 @@ def test_contexts_do_not_leak_between_threads() -> None:
     for t in threads:
         t.join()
     assert len({id(c) for c in seen.values()}) == 8
+
+
+def test_an_idempotent_replay_spends_no_tokens() -> None:
+    calls: list[CallContext] = []
+
+    def replay() -> ChatResult:
+        ctx = current_call()
+        assert ctx is not None
+        ctx.idempotent_replay = True
+        ctx.cost_usd = 0.0
+        return ChatResult(content="hi", model="gpt-4o-mini", usage=Usage(1000, 100, 1100, 0))
+
+    with bind_sinks(calls.append):
+        _guard(replay, FakeClock())()
+    assert (calls[0].input_tokens, calls[0].output_tokens) == (0, 0)
+    assert calls[0].cost_usd == 0.0
+    assert calls[0].response_model == "gpt-4o-mini"
