@@ -30,6 +30,7 @@ from ai_guard.breaker import (
     circuit_breaker,
     get_breaker,
 )
+from ai_guard.client import AIClient
 from ai_guard.clock import SYSTEM_CLOCK, Clock, SystemClock
 from ai_guard.errors import (
     AIGuardError,
@@ -48,6 +49,7 @@ from ai_guard.errors import (
     StructuredOutputError,
     StructuredOutputRefusalError,
     StructuredOutputTruncatedError,
+    UpstreamConnectionError,
     UpstreamError,
     UpstreamTimeoutError,
 )
@@ -75,6 +77,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SYSTEM_CLOCK",
+    "AIClient",
     "AIGuardError",
     "BreakerEvent",
     "BreakerMetrics",
@@ -116,6 +119,7 @@ __all__ = [
     "StructuredOutputRefusalError",
     "StructuredOutputTruncatedError",
     "SystemClock",
+    "UpstreamConnectionError",
     "UpstreamError",
     "UpstreamTimeoutError",
     "Usage",

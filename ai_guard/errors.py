@@ -30,6 +30,7 @@ __all__ = [
     "StructuredOutputError",
     "StructuredOutputRefusalError",
     "StructuredOutputTruncatedError",
+    "UpstreamConnectionError",
     "UpstreamError",
     "UpstreamTimeoutError",
 ]
@@ -192,6 +193,11 @@ class UpstreamError(AIGuardError):
 
 class UpstreamTimeoutError(UpstreamError):
     """The upstream did not answer within the configured timeout."""
+
+
+class UpstreamConnectionError(UpstreamError):
+    """No answer arrived: the connection was refused, reset or closed before a response
+    (``status`` is ``None``). Safe to retry when the request carries an idempotency key."""
 
 
 class StreamError(UpstreamError):
