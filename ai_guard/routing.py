@@ -150,7 +150,7 @@ class BreakerLike(Protocol):
 BreakerSource = str | Mapping[str, BreakerLike] | Callable[[str], BreakerLike | None] | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class RouteRequest:
     """What a request needs, for the router.
 
@@ -172,30 +172,67 @@ class RouteRequest:
     output_length: OutputLength = "medium"
     input_tokens: int | None = None
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.task_type, str) or not self.task_type.strip():
-            raise ConfigError(
-                "task_type", self.task_type, "must be a non-empty string, e.g. 'classification'"
-            )
-        score = self.complexity_score
-        if (
-            isinstance(score, bool)
-            or not isinstance(score, (int, float))
-            or not math.isfinite(score)
-            or not 0 <= score <= 10
+    # Written by hand rather than generated: ``@routed`` builds one per call (the
+    # ``request=`` callable), so the valid case is checked on locals in one expression and
+    # set without a ``__post_init__`` round trip; anything else gets the field-by-field
+    # checks and their messages.
+    def __init__(
+        self,
+        task_type: str,
+        complexity_score: float,
+        is_critical: bool = False,
+        output_length: OutputLength = "medium",
+        input_tokens: int | None = None,
+    ) -> None:
+        if not (
+            type(task_type) is str
+            and task_type.strip()
+            and (type(complexity_score) is int or type(complexity_score) is float)
+            and 0 <= complexity_score <= 10  # also False for NaN
+            and type(is_critical) is bool
+            and output_length in OUTPUT_LENGTHS
+            and (input_tokens is None or (type(input_tokens) is int and input_tokens >= 0))
         ):
-            raise ConfigError("complexity_score", score, "must be a number from 0 to 10")
-        if not isinstance(self.is_critical, bool):
-            raise ConfigError("is_critical", self.is_critical, "must be True or False")
-        if self.output_length not in OUTPUT_LENGTHS:
-            raise ConfigError(
-                "output_length", self.output_length, "must be one of 'short', 'medium', 'long'"
+            _check_route_request(
+                task_type, complexity_score, is_critical, output_length, input_tokens
             )
-        tokens = self.input_tokens
-        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int)):
-            raise ConfigError("input_tokens", tokens, "must be a whole number of tokens or None")
-        if tokens is not None and tokens < 0:
-            raise ConfigError("input_tokens", tokens, "must not be negative")
+        _set = object.__setattr__  # frozen: the dataclass's own __init__ does the same
+        _set(self, "task_type", task_type)
+        _set(self, "complexity_score", complexity_score)
+        _set(self, "is_critical", is_critical)
+        _set(self, "output_length", output_length)
+        _set(self, "input_tokens", input_tokens)
+
+
+def _check_route_request(
+    task_type: object,
+    score: object,
+    is_critical: object,
+    output_length: object,
+    tokens: object,
+) -> None:
+    """Raise the :class:`ConfigError` naming the first bad field of a RouteRequest."""
+    if not isinstance(task_type, str) or not task_type.strip():
+        raise ConfigError(
+            "task_type", task_type, "must be a non-empty string, e.g. 'classification'"
+        )
+    if (
+        isinstance(score, bool)
+        or not isinstance(score, (int, float))
+        or not math.isfinite(score)
+        or not 0 <= score <= 10
+    ):
+        raise ConfigError("complexity_score", score, "must be a number from 0 to 10")
+    if not isinstance(is_critical, bool):
+        raise ConfigError("is_critical", is_critical, "must be True or False")
+    if output_length not in OUTPUT_LENGTHS:
+        raise ConfigError(
+            "output_length", output_length, "must be one of 'short', 'medium', 'long'"
+        )
+    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int)):
+        raise ConfigError("input_tokens", tokens, "must be a whole number of tokens or None")
+    if isinstance(tokens, int) and tokens < 0:
+        raise ConfigError("input_tokens", tokens, "must not be negative")
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,8 +283,10 @@ def default_policy(request: RouteRequest, models: Sequence[ModelSpec]) -> tuple[
 
 
 class Router:
-    """Picks a model for each :class:`RouteRequest`; thread-safe (it holds no mutable
-    state: breakers keep their own).
+    """Picks a model for each :class:`RouteRequest`; thread-safe (breakers keep their own
+    state; the router only remembers, for at most 1,024 request values, the default
+    policy's decisions that needed no fallback, and still reads the chosen model's breaker
+    on every call, so a circuit that opens is seen at once).
 
     - ``models``: the catalogue (:class:`ModelSpec` objects, or configuration accepted
       by :func:`ai_guard.pricing.parse_models`); the defaults are ``gpt-4o-mini`` (mini)
@@ -281,6 +320,13 @@ class Router:
             raise ConfigError("policy", policy, "must be a callable (request, models)")
         self._policy: RoutePolicy = policy if policy is not None else default_policy
         self._breaker_for = _breaker_lookup(breakers, self.catalog)
+        # Decisions of the default policy (a pure function of the request), remembered per
+        # request value: (decision, the model whose breaker must not be open for it to
+        # hold). Only decisions without a fallback are kept; a custom policy (which may
+        # read the clock, a feature flag, a random draw) is asked every time.
+        self._plans: dict[tuple[Any, ...], tuple[RouteDecision, str]] | None = (
+            {} if policy is None else None
+        )
         self._first_of_tier: dict[str, ModelSpec] = {}
         for spec in self.models:
             self._first_of_tier.setdefault(spec.tier, spec)
@@ -308,8 +354,32 @@ class Router:
         (``retry_after`` is the soonest), :class:`NoRouteError` when none can take the
         input.
         """
+        plans = self._plans
+        key = None
+        if plans is not None and unavailable is None and type(request) is RouteRequest:
+            # The hot path: the decision this request got before, if the model it chose is
+            # still not open. The breaker is read on every call, as on the slow path.
+            key = _plan_key(request)
+            plan = plans.get(key) if key is not None else None
+            if plan is not None:
+                breaker = self._breaker_for(plan[1])
+                if breaker is None or breaker.state != "open":
+                    return plan[0]
         if not isinstance(request, RouteRequest):
             raise TypeError(f"route() needs a RouteRequest, not {type(request).__name__}")
+        decision = self._decide(request, unavailable)
+        if plans is not None and key is not None and decision.fallback_from is None:
+            if len(plans) >= _PLAN_LIMIT:
+                # A stream of distinct requests (input_tokens differ every call) must not
+                # grow memory: start over.
+                self._plans = plans = {}
+            plans[key] = (decision, decision.model)
+        return decision
+
+    def _decide(
+        self, request: RouteRequest, unavailable: Mapping[str, float] | None
+    ) -> RouteDecision:
+        """The decision itself: the policy, then the candidates in fallback order."""
         target, reason = self._policy(request, self.models)
         preferred, note = self._resolve(target)
         notes = [reason] if note is None else [reason, note]
@@ -380,6 +450,28 @@ class Router:
         raise NoRouteError(f"the policy chose {target!r}: neither a model nor a tier")
 
 
+#: Most request values a router remembers decisions for.
+_PLAN_LIMIT = 1024
+
+
+def _plan_key(request: RouteRequest) -> tuple[Any, ...] | None:
+    """The value the default policy's decision depends on; ``None`` for a request whose
+    decision is not remembered (a field of an unusual type, whose equality with a plain
+    value does not promise the same decision)."""
+    task, score = request.task_type, request.complexity_score
+    if type(task) is not str or (type(score) is not int and type(score) is not float):
+        return None
+    # 2 and 2.0 give the same decision (the reason formats the score with :g); 0.0 and
+    # -0.0 are equal but read differently, so zero scores are told apart by their text.
+    return (
+        task,
+        score if score else str(score),
+        request.is_critical,
+        request.output_length,
+        request.input_tokens,
+    )
+
+
 def _breaker_lookup(
     breakers: BreakerSource, catalog: Mapping[str, ModelSpec]
 ) -> Callable[[str], BreakerLike | None]:
@@ -398,14 +490,20 @@ def _breaker_lookup(
                 "breakers", template, "a name template must contain {model}, e.g. 'openai:{model}'"
             )
         registry: list[Callable[[str], Any]] = []
+        # The names of the catalogue's breakers, formatted once (a decision reads them on
+        # every call); the breakers themselves are looked up each time.
+        names = {model: template.format(model=model) for model in catalog}
 
         def from_registry(model: str) -> BreakerLike | None:
             if not registry:
                 # Imported on first use, not at import time: routing must not pull in the
                 # breaker module (and its store machinery) for users who route without it.
                 registry.append(importlib.import_module("ai_guard.breaker").get_breaker)
+            name = names.get(model)
             try:
-                found: BreakerLike | None = registry[0](template.format(model=model))
+                found: BreakerLike | None = registry[0](
+                    name if name is not None else template.format(model=model)
+                )
             except LookupError:
                 return None
             return found
@@ -511,8 +609,12 @@ def routed(
             except BaseException as exc:
                 close_call(ctx, token, clock, error=exc)
                 raise
-            _record_decision(ctx, decision)
-            kwargs[model_kwarg] = decision.model
+            # _record_decision, inlined: once per call.
+            ctx.request_model = model = decision.model
+            ctx.tier = decision.tier
+            ctx.route_reason = decision.reason
+            ctx.fallback_from = decision.fallback_from
+            kwargs[model_kwarg] = model
             try:
                 result = fn(*args, **kwargs)
             except CircuitOpenError as exc:

@@ -85,7 +85,7 @@ from pydantic import Field
 
 from ai_guard.clock import SYSTEM_CLOCK, Clock
 from ai_guard.config import GuardConfig, build_config
-from ai_guard.context import CallContext, close_call, error_type_of, open_call
+from ai_guard.context import CallContext, close_call, current_call, error_type_of, open_call
 from ai_guard.types import ChatResult, StreamEvent
 
 __all__ = [
@@ -309,24 +309,15 @@ def _attributes(
         attrs[AI_GUARD_ROUTE_FALLBACK_FROM] = ctx.fallback_from
     if latency_ms is not None:
         attrs[AI_GUARD_LATENCY_MS] = latency_ms
-    cost = ctx.cost_usd if ctx.cost_usd is not None else _cost(ctx)
+    # Not ctx.price(): an inner @traced_ai must not fix the cost before the owner of the
+    # context has seen the final usage.
+    cost = ctx.current_cost()
     if cost is not None:
         attrs[AI_GUARD_COST_USD] = cost
     if ctx.idempotency_key:
         attrs[AI_GUARD_IDEMPOTENCY_KEY_HASH] = hash_idempotency_key(ctx.idempotency_key)
         attrs[AI_GUARD_IDEMPOTENT_REPLAY] = ctx.idempotent_replay
     return attrs
-
-
-def _cost(ctx: CallContext) -> float | None:
-    # Not ctx.price(): an inner @traced_ai must not fix the cost before the owner of the
-    # context has seen the final usage.
-    if ctx.cost_usd is not None or not ctx.usage_known:
-        return ctx.cost_usd
-    spec = ctx.model_spec()
-    if spec is None:
-        return None
-    return spec.cost_usd(ctx.input_tokens, ctx.output_tokens, ctx.cached_tokens)
 
 
 # -- content capture (opt-in) ------------------------------------------------------------
@@ -556,7 +547,10 @@ def traced_ai(
 
         @functools.wraps(fn)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            ctx, token = open_call(clock)
+            ctx = current_call()
+            token = None
+            if ctx is None:  # the outermost guard: the call's context starts here
+                ctx, token = open_call(clock)
             ctx.operation = op
             ctx.provider = prov
             model = kwargs.get(model_key)
@@ -567,6 +561,8 @@ def traced_ai(
                 ctx.server_port = port
             recording = telemetry()
             if recording is None:
+                if token is None:  # joined an outer guard's context, which ends the call
+                    return fn(*args, **kwargs)
                 try:
                     result = fn(*args, **kwargs)
                 except BaseException as exc:

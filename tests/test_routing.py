@@ -566,3 +566,69 @@ def test_catalogue_remembers_dated_names_within_a_bound() -> None:
     assert catalog.find("full-a-x") is FULL_A
     assert dict(catalog) == {"mini-a": MINI_A, "full-a": FULL_A}
     assert parse_models(catalog.values()) == (MINI_A, FULL_A)
+
+
+# -- remembered decisions (the hot path of @routed) ------------------------------------
+
+
+def test_a_remembered_decision_still_reads_the_breaker_on_every_call() -> None:
+    mini = FakeBreaker("mini-a")
+    router = Router([MINI_A, MINI_B, FULL_A], breakers={"mini-a": mini})
+    request = RouteRequest("classification", 2)
+    first = router.route(request)
+    assert router.route(RouteRequest("classification", 2)) is first  # remembered
+    mini.state = "open"
+    fallback = router.route(request)
+    assert (fallback.model, fallback.fallback_from) == ("mini-b", "mini-a")
+    mini.state = "half_open"  # a trial call may go through: no fallback
+    assert router.route(request) == first
+
+
+def test_remembered_decisions_equal_fresh_ones_for_every_request() -> None:
+    remembered = Router()
+    for request in sample_traffic(300, seed=3) * 2:
+        fresh = Router().route(request)
+        assert remembered.route(request) == fresh
+
+
+def test_equal_scores_that_read_differently_keep_their_own_reason() -> None:
+    router = Router()
+    assert "Complexity 0 " in router.route(RouteRequest("chat", 0)).reason
+    assert "Complexity -0 " in router.route(RouteRequest("chat", -0.0)).reason
+    assert "Complexity 0 " in router.route(RouteRequest("chat", 0.0)).reason
+
+
+def test_a_custom_policy_is_asked_on_every_call() -> None:
+    asked: list[RouteRequest] = []
+
+    def policy(request: RouteRequest, models: Any) -> tuple[str, str]:
+        asked.append(request)
+        return "mini", "Custom."
+
+    router = Router(policy=policy)
+    for _ in range(3):
+        router.route(RouteRequest("chat", 1))
+    assert len(asked) == 3
+
+
+def test_remembered_decisions_are_bounded() -> None:
+    router = Router()
+    for tokens in range(3000):
+        router.route(RouteRequest("chat", 1, input_tokens=tokens))
+    assert len(router._plans or {}) <= 1024
+
+
+def test_route_request_fast_and_slow_construction_agree() -> None:
+    class Text(str):
+        pass
+
+    plain = RouteRequest("chat", 3, True, "long", 10)
+    odd = RouteRequest(Text("chat"), 3.0, True, "long", 10)  # accepted by the full checks
+    assert plain == odd
+    assert router_decision(plain) == router_decision(odd)
+    with pytest.raises(ConfigError):
+        RouteRequest("chat", float("inf"))
+
+
+def router_decision(request: RouteRequest) -> RouteDecision:
+    return Router().route(request)
