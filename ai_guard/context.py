@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import types
 from collections.abc import Callable, Generator, Iterator, Mapping
-from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from typing import Any, TypeVar
 
@@ -117,8 +116,14 @@ class CallContext:
         return self.cached_tokens > 0
 
     def model_spec(self) -> ModelSpec | None:
-        """The catalogue entry of this call's model, if known."""
-        return find_model(self.model, self.catalog) or find_model(self.request_model, self.catalog)
+        """The catalogue entry of this call's model (the one that answered, else the one
+        asked for), if known."""
+        request_model = self.request_model
+        model = self.response_model or request_model
+        spec = find_model(model, self.catalog)
+        if spec is None and model != request_model:
+            spec = find_model(request_model, self.catalog)
+        return spec
 
     # -- what guards report --------------------------------------------------------------
 
@@ -142,7 +147,12 @@ class CallContext:
                 self.response_id = result.id
             if result.finish_reason:
                 self.finish_reasons = (result.finish_reason,)
-            self.observe_usage(result.usage)
+            if not self.idempotent_replay:  # observe_usage, inlined: once per AI call
+                counts = result.usage
+                self.usage_known = True
+                self.input_tokens = counts.prompt_tokens
+                self.output_tokens = counts.completion_tokens
+                self.cached_tokens = counts.cached_tokens
         elif isinstance(result, Mapping) and ("choices" in result or "usage" in result):
             model = result.get("model")
             if isinstance(model, str) and model:
@@ -181,13 +191,31 @@ class CallContext:
 
     def price(self) -> float | None:
         """Set and return ``cost_usd`` from the catalogue, unless a guard already set it."""
-        if self.cost_usd is None and self.usage_known:
-            spec = self.model_spec()
-            if spec is not None:
-                self.cost_usd = spec.cost_usd(
-                    self.input_tokens, self.output_tokens, self.cached_tokens
-                )
+        if self.cost_usd is None:
+            self.cost_usd = self.current_cost()
         return self.cost_usd
+
+    def current_cost(self) -> float | None:
+        """``cost_usd`` when a guard set it, else the catalogue's price of the usage seen
+        so far (``None`` while no usage is known or for an unknown model). Sets nothing:
+        an inner guard may read it before the owner of the context has the final usage."""
+        if self.cost_usd is not None or not self.usage_known:
+            return self.cost_usd
+        spec = self.model_spec()
+        if spec is None:
+            return None
+        inputs, cached = self.input_tokens, self.cached_tokens
+        cached_price = spec.cached_input_price
+        if type(spec) is ModelSpec and cached_price is not None and 0 <= cached <= inputs:
+            # ModelSpec.cost_usd's arithmetic in the same order (the same float), inlined
+            # because this runs once per AI call: with the tokens in range its clamping
+            # changes nothing.
+            return (
+                (inputs - cached) * spec.input_price
+                + cached * cached_price
+                + self.output_tokens * spec.output_price
+            ) / 1_000_000
+        return spec.cost_usd(inputs, self.output_tokens, cached)
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
@@ -207,6 +235,8 @@ _CURRENT: ContextVar[CallContext | None] = ContextVar("ai_guard_call", default=N
 _BOUND_SINKS: ContextVar[tuple[Sink, ...] | None] = ContextVar("ai_guard_sinks", default=None)
 # Registry of process-wide sinks (e.g. the default collector, the call logger).
 _DEFAULT_SINKS: list[Sink] = []
+
+_GENERATOR = types.GeneratorType
 
 current_call = _CURRENT.get
 """The :class:`CallContext` of the AI call running in this context, or ``None``."""
@@ -246,7 +276,7 @@ def close_call(
         ctx.observe_error(error)
         finish_call(ctx, clock)
         return result
-    if type(result) is types.GeneratorType:
+    if type(result) is _GENERATOR:
         return _finish_after_stream(result, ctx, clock)  # type: ignore[arg-type, return-value]
     ctx.observe_result(result)
     finish_call(ctx, clock)
@@ -280,7 +310,8 @@ def finish_call(ctx: CallContext, clock: Clock = SYSTEM_CLOCK) -> None:
         ctx.latency_ms = (clock.monotonic() - ctx.started_at) * 1000.0
     if ctx.operation is None:
         return
-    ctx.price()
+    if ctx.cost_usd is None:  # ctx.price(), one call fewer
+        ctx.cost_usd = ctx.current_cost()
     sinks = _BOUND_SINKS.get()
     for sink in _DEFAULT_SINKS if sinks is None else sinks:
         try:
@@ -289,8 +320,7 @@ def finish_call(ctx: CallContext, clock: Clock = SYSTEM_CLOCK) -> None:
             _log.exception("ai_guard sink %r failed", sink)
 
 
-@contextmanager
-def bind_sinks(*sinks: Sink) -> Iterator[None]:
+class bind_sinks:  # lower case: used like a function, ``with bind_sinks(...)``
     """Within the block, calls are emitted to ``sinks`` instead of the default sinks.
 
     The Flask extension binds its app's collector for each request; a script can bind its
@@ -298,12 +328,25 @@ def bind_sinks(*sinks: Sink) -> Iterator[None]:
 
         with bind_sinks(collector.record_call):
             client.chat(...)
+
+    A small class rather than a ``@contextmanager`` generator: it is entered on every
+    request, and a generator-based context manager costs several times more.
     """
-    token = _BOUND_SINKS.set(tuple(sinks))
-    try:
-        yield
-    finally:
-        _BOUND_SINKS.reset(token)
+
+    __slots__ = ("_sinks", "_token")
+
+    def __init__(self, *sinks: Sink) -> None:
+        self._sinks = sinks
+        self._token: Token[tuple[Sink, ...] | None] | None = None
+
+    def __enter__(self) -> None:
+        self._token = _BOUND_SINKS.set(self._sinks)
+
+    def __exit__(self, *exc_info: object) -> None:
+        token = self._token
+        if token is not None:
+            self._token = None
+            _BOUND_SINKS.reset(token)
 
 
 def bound_sinks() -> tuple[Sink, ...]:

@@ -205,3 +205,33 @@ def test_an_idempotent_replay_spends_no_tokens() -> None:
     assert (calls[0].input_tokens, calls[0].output_tokens) == (0, 0)
     assert calls[0].cost_usd == 0.0
     assert calls[0].response_model == "gpt-4o-mini"
+
+
+def test_cost_is_the_catalogue_price_and_a_custom_spec_prices_itself() -> None:
+    from ai_guard.pricing import DEFAULT_MODELS, ModelSpec, model_catalog
+
+    ctx = CallContext(0.0)
+    ctx.request_model = "gpt-4o-mini"
+    assert ctx.current_cost() is None  # no usage seen yet
+    ctx.observe_usage(Usage(prompt_tokens=1200, completion_tokens=80, cached_tokens=1024))
+    expected = DEFAULT_MODELS[0].cost_usd(1200, 80, 1024)
+    assert ctx.current_cost() == expected
+    assert ctx.cost_usd is None  # current_cost sets nothing
+    assert ctx.price() == expected
+    assert ctx.cost_usd == expected
+
+    class Flat(ModelSpec):
+        def cost_usd(self, input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> float:
+            return 1.0
+
+    flat = Flat(name="flat", tier="mini", input_price=1.0, output_price=1.0)
+    custom = CallContext(0.0)
+    custom.request_model = "flat"
+    custom.catalog = model_catalog([flat])
+    custom.observe_usage(Usage(prompt_tokens=10, completion_tokens=10))
+    assert custom.price() == 1.0
+
+    odd = CallContext(0.0)
+    odd.request_model = "gpt-4o-mini"
+    odd.observe_usage(Usage(prompt_tokens=10, completion_tokens=0, cached_tokens=50))
+    assert odd.price() == DEFAULT_MODELS[0].cost_usd(10, 0, 50)  # clamped by the spec

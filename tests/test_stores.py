@@ -361,3 +361,20 @@ def test_memory_store_rewriting_a_key_makes_it_young_again() -> None:
     store.set("d", b"v")
     assert store.get("b") is None
     assert [store.get(k) for k in ("a", "c", "d")] == [b"v2", b"v", b"v"]
+
+
+def test_store_options_in_a_redis_url_configure_the_store_not_the_connection(
+    redis_url: str,
+) -> None:
+    store = store_from_url(f"{redis_url}?key_prefix=opts:&default_ttl=60&socket_timeout=1")
+    assert isinstance(store, RedisStore)
+    try:
+        assert store.key_prefix == "opts:"
+        store.set("k", b"v")  # redis-py would fail here if it had received key_prefix
+        assert store.get("k") == b"v"
+        remaining = store.ttl("k")
+        assert remaining is not None
+        assert remaining <= 60
+    finally:
+        store.clear()
+        store.close()

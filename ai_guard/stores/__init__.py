@@ -8,7 +8,7 @@ takes ``store=`` as a :class:`Store` or a URL.
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ai_guard.clock import SYSTEM_CLOCK, Clock
 from ai_guard.config import StoreConfig, build_config
@@ -27,6 +27,10 @@ __all__ = [
     "resolve_store",
     "store_from_url",
 ]
+
+
+# Query options that configure the store itself rather than the Redis connection.
+_OUR_OPTIONS = frozenset({"key_prefix", "default_ttl", "socket_timeout", "maxsize"})
 
 
 def store_from_url(url: str = "memory://", *, clock: Clock = SYSTEM_CLOCK, **options: Any) -> Store:
@@ -52,11 +56,14 @@ def store_from_url(url: str = "memory://", *, clock: Clock = SYSTEM_CLOCK, **opt
         return MemoryStore(
             maxsize=config.maxsize, default_ttl=config.default_ttl, clock=clock, url=url
         )
-    known = {"key_prefix", "default_ttl", "socket_timeout", "maxsize"}
-    redis_options = {k: v for k, v in query.items() if k in known}
+    redis_options = {k: v for k, v in query.items() if k in _OUR_OPTIONS}
     config = build_config(StoreConfig, url=url, **{**redis_options, **options})
+    # Our own options must not reach redis-py, which would pass them to its connections.
+    kept = [
+        (k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in _OUR_OPTIONS
+    ]
     return RedisStore(
-        url,
+        urlunsplit(parts._replace(query=urlencode(kept))),
         key_prefix=config.key_prefix,
         default_ttl=config.default_ttl,
         socket_timeout=config.socket_timeout,

@@ -49,10 +49,18 @@ class MemoryStore(Store):
         clock: Clock = SYSTEM_CLOCK,
         url: str = "memory://",
     ) -> None:
-        if maxsize <= 0:
-            raise ConfigError("maxsize", maxsize, "must be greater than 0")
-        if default_ttl <= 0:
-            raise ConfigError("default_ttl", default_ttl, "must be greater than 0")
+        # Checked by type as well as value: a float("nan") maxsize or TTL compares False
+        # with everything, which would make the store unbounded or its keys immortal.
+        if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize <= 0:
+            raise ConfigError("maxsize", maxsize, "must be a whole number greater than 0")
+        if (
+            isinstance(default_ttl, bool)
+            or not isinstance(default_ttl, int | float)
+            or not default_ttl > 0
+        ):
+            raise ConfigError("default_ttl", default_ttl, "must be seconds greater than 0")
+        if not isinstance(clock, Clock):
+            raise ConfigError("clock", clock, "must be a Clock (monotonic, time, sleep)")
         self.url = url
         self.maxsize = maxsize
         self.default_ttl = float(default_ttl)

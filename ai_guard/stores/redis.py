@@ -89,8 +89,13 @@ class RedisStore(Store):
             raise ConfigError(
                 "store_url", url, 'the Redis store needs "pip install ai_guard[redis]"'
             ) from None
-        if default_ttl <= 0:
-            raise ConfigError("default_ttl", default_ttl, "must be greater than 0")
+        for setting, seconds in (("default_ttl", default_ttl), ("socket_timeout", socket_timeout)):
+            if (
+                isinstance(seconds, bool)
+                or not isinstance(seconds, int | float)
+                or not 0 < seconds < float("inf")
+            ):
+                raise ConfigError(setting, seconds, "must be a finite number of seconds > 0")
         self._redis_errors: tuple[type[BaseException], ...] = (
             redis_lib.exceptions.ConnectionError,
             redis_lib.exceptions.TimeoutError,
