@@ -106,6 +106,8 @@ from ai_guard.errors import CircuitOpenError, ConfigError, StoreError
 from ai_guard.stores import Store, resolve_store
 
 __all__ = [
+    "MAX_TEMPLATE_BREAKERS",
+    "OVERFLOW_VALUE",
     "BreakerConfig",
     "BreakerDecorator",
     "BreakerEvent",
@@ -1365,6 +1367,14 @@ def template_fields(name: str) -> tuple[str, ...]:
     return tuple(fields)
 
 
+#: Most breakers one template creates. Calls naming further values (a flood of distinct
+#: ``model=`` values taken from user input) share one overflow breaker, named with
+#: :data:`OVERFLOW_VALUE` in every field, so memory (and the registry, the health endpoint)
+#: stays bounded.
+MAX_TEMPLATE_BREAKERS = 1024
+OVERFLOW_VALUE = "other"
+
+
 class BreakerTemplate(BreakerDecorator):
     """A family of breakers named by a template, one per value of the call's keywords.
 
@@ -1372,7 +1382,9 @@ class BreakerTemplate(BreakerDecorator):
     first use creates, with the template's options) the breaker ``openai:<model>``, so a
     failing ``gpt-4o`` does not stop ``gpt-4o-mini``. The argument may also be passed
     positionally or come from the parameter's default; a call without it raises
-    ``TypeError``.
+    ``TypeError``. Past :data:`MAX_TEMPLATE_BREAKERS` values, new values share the
+    breaker ``openai:other`` (a WARNING says so once), as the metrics collector counts
+    calls beyond its series limit under the model ``"other"``.
     """
 
     def __init__(self, template: str, registry: BreakerRegistry, options: dict[str, Any]) -> None:
@@ -1392,6 +1404,7 @@ class BreakerTemplate(BreakerDecorator):
         self._registry = registry
         self._lock = threading.Lock()
         self._by_key: dict[Any, CircuitBreaker] = {}
+        self._overflow: CircuitBreaker | None = None
 
     def name_for(self, **values: Any) -> str:
         """The breaker name for these keyword values."""
@@ -1421,6 +1434,8 @@ class BreakerTemplate(BreakerDecorator):
         with self._lock:
             breaker = self._by_key.get(key)
             if breaker is None:
+                if len(self._by_key) >= MAX_TEMPLATE_BREAKERS:
+                    return self._overflow_breaker()
                 values = dict(
                     zip(self.fields, key if len(self.fields) > 1 else (key,), strict=True)
                 )
@@ -1429,6 +1444,23 @@ class BreakerTemplate(BreakerDecorator):
                 )
                 self._by_key[key] = breaker
             return breaker
+
+    def _overflow_breaker(self) -> CircuitBreaker:
+        """The breaker shared by values beyond the limit (lock held). Not cached under
+        the caller's value: that would let a flood of values grow the table."""
+        breaker = self._overflow
+        if breaker is None:
+            name = self.template.format(**dict.fromkeys(self.fields, OVERFLOW_VALUE))
+            breaker = self._overflow = self._registry.get_or_create(name, **self._options)
+            _log.warning(
+                "breaker template %s has %d breakers; calls naming further values share "
+                "the breaker %s",
+                self.template,
+                MAX_TEMPLATE_BREAKERS,
+                name,
+                extra={"breaker": name},
+            )
+        return breaker
 
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
         """Decorate ``fn``: each call goes through the breaker its keywords name."""

@@ -520,6 +520,15 @@ class AIClient:
             raise ConfigError("collector", collector, "must be a MetricsCollector")
         if store is not None and not isinstance(store, str | Store):
             raise ConfigError("store", store, "must be a Store or a store URL")
+        if headers is not None and (
+            not isinstance(headers, Mapping)
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items())
+        ):
+            # Names only: the values may hold a credential (Azure's api-key header).
+            shown: object = type(headers).__name__
+            if isinstance(headers, Mapping):
+                shown = sorted(map(str, headers))
+            raise ConfigError("headers", shown, "must be a dict of header names to str values")
 
         self.config = config
         #: The base URL calls go to (no trailing slash).
@@ -990,7 +999,7 @@ class AIClient:
         if not 200 <= status < 300:
             raise self._status_error(response)
         if stream:
-            return iter_chat_stream(response, raise_on_error=True)
+            return self._scrubbed(iter_chat_stream(response, raise_on_error=True))
         try:
             body = response.json()
         except (ValueError, RecursionError):
@@ -1006,6 +1015,25 @@ class AIClient:
                 headers=response.headers,
             )
         return ChatResult.from_openai(body, response.headers)
+
+    def _scrubbed(self, events: Iterator[StreamEvent]) -> Generator[StreamEvent, None, None]:
+        """The stream's events; a :class:`StreamError` (an error event's message and body
+        come from the upstream, which may echo the key) is raised again scrubbed."""
+        failure: StreamError | None = None
+        try:
+            yield from events
+        except StreamError as exc:
+            failure = StreamError(
+                self._scrub(str(exc)),
+                partial_content=exc.partial_content,
+                status=exc.status,
+                body=self._scrub(exc.body),
+                request_id=exc.request_id,
+            )
+            failure.__cause__ = exc.__cause__  # the transport error of a dropped stream
+        # Raised outside the except block: the unscrubbed error is not kept as context.
+        if failure is not None:
+            raise failure
 
     # -- errors --------------------------------------------------------------------------
 

@@ -882,6 +882,8 @@ def idempotent(
         fail_open=fail_open,
         namespace=namespace,
     )
+    if not isinstance(clock, Clock):
+        raise ConfigError("clock", clock, "must be a Clock (monotonic, time, sleep)")
     fixed_store = None if store is None else resolve_store(store, clock=clock)
     if scope is not None and not callable(scope):
         raise ConfigError("scope", scope, "must be a callable of the call's arguments")

@@ -535,6 +535,7 @@ class RateLimitBudget:
         )
         self.store = resolve_store(store, clock=clock)
         self.clock = clock
+        key = self.config.key  # as validated (a str), not as given
         self.key = key
         self._store_key = f"ratelimit:budget:{key}"
         self._fixed_args = (

@@ -295,19 +295,32 @@ def iter_chat_stream(
                 )
                 chunks = ()
             elif content_type.startswith("application/json"):
-                result = ChatResult.from_openai(response.json(), response.headers)
-                if result.content:
-                    yield StreamEvent(
-                        "content", content=result.content, model=result.model, id=result.id
+                try:
+                    body = response.json()
+                except (requests.exceptions.JSONDecodeError, RecursionError):
+                    body = None  # a transport error while reading is handled below
+                if not isinstance(body, dict):
+                    failure = StreamError(
+                        f"the upstream answered {status} with a JSON body that is not a "
+                        "chat completion object",
+                        body=response.text[:_MAX_ERROR_BODY],
+                        request_id=request_id,
                     )
-                yield StreamEvent(
-                    "usage",
-                    usage=Usage.from_openai(result.raw.get("usage")),
-                    model=result.model,
-                    finish_reason=result.finish_reason,
-                    id=result.id,
-                )
-                return
+                    chunks = ()
+                else:
+                    result = ChatResult.from_openai(body, response.headers)
+                    if result.content:
+                        yield StreamEvent(
+                            "content", content=result.content, model=result.model, id=result.id
+                        )
+                    yield StreamEvent(
+                        "usage",
+                        usage=Usage.from_openai(result.raw.get("usage")),
+                        model=result.model,
+                        finish_reason=result.finish_reason,
+                        id=result.id,
+                    )
+                    return
             else:
                 chunks = response.iter_content(chunk_size=None)
         parser = SSEParser()
