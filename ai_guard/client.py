@@ -62,7 +62,7 @@ import requests
 from opentelemetry.metrics import NoOpMeterProvider
 from opentelemetry.trace import NoOpTracerProvider
 from pydantic import BaseModel, Field, field_validator
-from requests.adapters import HTTPAdapter
+from requests.adapters import BaseAdapter, HTTPAdapter
 
 from ai_guard.breaker import BreakerDecorator, BreakerTemplate, CircuitBreaker, circuit_breaker
 from ai_guard.clock import SYSTEM_CLOCK, Clock
@@ -812,10 +812,17 @@ class AIClient:
         return breaker if isinstance(breaker, CircuitBreaker) else None
 
     def close(self) -> None:
-        """Close the pooled connections (and any store the client opened itself)."""
+        """Close the pooled connections (and any store the client opened itself).
+
+        Every idle keep-alive connection is closed now, even while an error this client
+        raised is still kept somewhere (a traceback may keep transport objects alive); a
+        stream still being read closes its connection when it ends.
+        """
         if self._closed:
             return
         self._closed = True
+        for adapter in self._session.adapters.values():
+            _close_pools(adapter)
         self._session.close()
         for store in self._owned_stores:
             store.close()
@@ -997,24 +1004,29 @@ class AIClient:
             raise failure
         status = response.status_code
         if not 200 <= status < 300:
-            raise self._status_error(response)
-        if stream:
+            failure = self._status_error(response)
+        elif stream:
             return self._scrubbed(iter_chat_stream(response, raise_on_error=True))
-        try:
-            body = response.json()
-        except (ValueError, RecursionError):
-            body = None
-        finally:
-            response.close()
-        if not isinstance(body, dict):
-            raise UpstreamError(
+        else:
+            try:
+                body = response.json()
+            except (ValueError, RecursionError):
+                body = None
+            finally:
+                response.close()
+            if isinstance(body, dict):
+                return ChatResult.from_openai(body, response.headers)
+            failure = UpstreamError(
                 f"HTTP {status} from {self._host} with a body that is not a JSON object",
                 status=status,
                 body=self._scrub(response.text[:_MAX_ERROR_BODY]),
                 request_id=response.headers.get("x-request-id"),
                 headers=response.headers,
             )
-        return ChatResult.from_openai(body, response.headers)
+        # The error's traceback keeps this frame, and a caller may keep the error: not
+        # the response with it (it holds its connection pool, and so its sockets).
+        del response
+        raise failure
 
     def _scrubbed(self, events: Iterator[StreamEvent]) -> Generator[StreamEvent, None, None]:
         """The stream's events; a :class:`StreamError` (an error event's message and body
@@ -1109,6 +1121,23 @@ class AIClient:
         if isinstance(value, list):
             return [self._without_key(v) for v in value]
         return value
+
+
+def _close_pools(adapter: BaseAdapter) -> None:
+    """Close ``adapter``'s connection pools, and so their idle connections, now.
+
+    ``HTTPAdapter.close()`` clears its pool managers, but with urllib3 2 clearing only
+    forgets the pools: each closes its connections when garbage-collected, which a pool
+    still referenced (from a response in a kept traceback) never is.
+    """
+    if isinstance(adapter, HTTPAdapter):
+        for manager in (adapter.poolmanager, *adapter.proxy_manager.values()):
+            pools = manager.pools
+            for key in list(pools.keys()):
+                pool = pools.get(key)
+                if pool is not None:
+                    pool.close()
+    adapter.close()
 
 
 def _route_of(*args: Any, **kwargs: Any) -> RouteRequest:

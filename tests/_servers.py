@@ -56,14 +56,16 @@ def serve_in_thread(app: Any) -> Iterator[str]:
 class Gunicorn:
     """A gunicorn serving ``target`` (``module:callable``) with ``workers`` processes.
 
-    ``ready_path`` is polled (HTTP 200) once every worker has logged its boot; the log is
-    kept in ``log`` for failure messages.
+    ``ready_path`` is polled (HTTP 200) once every worker has logged its boot (``None``:
+    until the port accepts connections, for an app with no route to spare); the log is
+    kept in ``log`` for failure messages. ``env`` is added to this process's environment
+    (a ``None`` value removes the variable).
     """
 
     target: str
     workers: int = 2
-    env: Mapping[str, str] = field(default_factory=dict)
-    ready_path: str = "/"
+    env: Mapping[str, str | None] = field(default_factory=dict)
+    ready_path: str | None = "/"
     worker_class: str = "sync"
     extra_args: Sequence[str] = ()
     port: int = field(default_factory=free_port)
@@ -99,7 +101,12 @@ class Gunicorn:
             self.target,
         ]
         # Unbuffered: log lines (access lines included) reach the log file as written.
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **self.env}
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+        for name, value in self.env.items():
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = value
         with self.log.open("wb") as log_file:
             self.process = subprocess.Popen(
                 command, env=env, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT
@@ -119,14 +126,19 @@ class Gunicorn:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"gunicorn exited early:\n{self.log_text()}")
-            if self.log_text().count("Booting worker") >= self.workers:
-                try:
-                    if requests.get(self.url + self.ready_path, timeout=2).status_code == 200:
-                        return
-                except requests.ConnectionError:
-                    pass
+            if self.log_text().count("Booting worker") >= self.workers and self._answers():
+                return
             time.sleep(0.05)  # waiting for an external process to start listening
         raise RuntimeError(f"gunicorn did not start within {timeout:g} s:\n{self.log_text()}")
+
+    def _answers(self) -> bool:
+        try:
+            if self.ready_path is None:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return True
+            return requests.get(self.url + self.ready_path, timeout=2).status_code == 200
+        except OSError:  # not listening yet (requests' errors are OSErrors too)
+            return False
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:

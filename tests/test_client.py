@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
+import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -28,13 +30,15 @@ from ai_guard.errors import (
     UpstreamError,
 )
 from ai_guard.routing import Router, RouteRequest
+from ai_guard.stores import RedisStore
 from ai_guard.testing import FakeClock, FakeUpstream
-from ai_guard.types import ChatResult
+from ai_guard.types import ChatResult, StreamEvent
 from tests.conftest import free_port
 
 MODEL = "gpt-4o-mini"
 HELLO = [{"role": "user", "content": "hello"}]
 SECRET = "sk-test-SECRET0123456789abcdef"
+WAIT = 10.0  # seconds a test waits for another thread before it fails (never reached)
 
 
 def make_client(upstream: FakeUpstream | str, **options: Any) -> AIClient:
@@ -52,14 +56,12 @@ def forget_default_breakers() -> Iterator[None]:
     default AIClient registers ``openai:{model}`` there), so that later tests which ask
     for that template with their own options do not meet ours."""
     registry = default_registry()
-    breakers = {b.name for b in registry.all()}
-    templates = set(registry._templates)  # no public way to drop a template
+    breakers, templates = set(registry.all()), set(registry.templates())
     yield
-    for breaker in registry.all():
-        if breaker.name not in breakers:
-            registry.remove(breaker.name)
-    for template in set(registry._templates) - templates:
-        registry._templates.pop(template, None)
+    for template in set(registry.templates()) - templates:
+        registry.remove_template(template)
+    for breaker in set(registry.all()) - breakers:
+        registry.remove(breaker.name)
 
 
 @pytest.fixture
@@ -230,6 +232,82 @@ def test_close_releases_the_client_and_later_calls_fail_clearly(upstream: FakeUp
         client.chat(HELLO)
 
 
+def _sockets_connected_to(port: int) -> int:
+    """Open sockets of this process whose peer is ``port`` (Linux: the process's file
+    descriptors, matched to the kernel's TCP tables by inode). No ``gc.collect()``: a
+    socket that only a collection would close counts as open."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # closed meanwhile (the listing's own descriptor)
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    count = 0
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        if not os.path.exists(table):
+            continue
+        with open(table) as rows:
+            for row in list(rows)[1:]:
+                fields = row.split()
+                remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+                if remote_port == port and fields[9] in inodes:
+                    count += 1
+    return count
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux /proc")
+def test_close_closes_every_connection_even_while_errors_are_kept(
+    upstream: FakeUpstream,
+) -> None:
+    client = make_client(upstream, retries=0)
+    upstream.configure(stream_error_after=1)
+    kept: list[object] = [e for e in client.stream_chat(HELLO) if e.type == "error"]
+    client.chat(HELLO)
+    with pytest.raises(UpstreamError) as unknown_model:
+        client.chat(HELLO, model="gpt-nonexistent")
+    kept.append(unknown_model.value)
+    upstream.configure(error_rate=1.0, error_statuses=(503,))
+    with pytest.raises(UpstreamError) as unavailable:
+        client.chat(HELLO)
+    kept.append(unavailable.value)
+    assert len(kept) == 3
+    assert _sockets_connected_to(upstream.port) >= 1  # a keep-alive connection is pooled
+    client.close()
+    assert _sockets_connected_to(upstream.port) == 0
+    assert all(isinstance(k, UpstreamError | StreamEvent) for k in kept)  # still kept
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux /proc")
+def test_close_closes_idle_connections_while_a_dropped_stream_error_is_kept(
+    upstream: FakeUpstream,
+) -> None:
+    """The transport error behind a dropped stream keeps the connection pool alive through
+    its traceback: closing the session alone would leave the pool's idle sockets open."""
+    both_in_flight = threading.Barrier(2)
+
+    def answer_once_both_arrived() -> float:  # so the two calls hold two connections
+        both_in_flight.wait(WAIT)
+        return 0.0
+
+    upstream.configure(latency=answer_once_both_arrived)
+    client = make_client(upstream, retries=0)
+    callers = [threading.Thread(target=client.chat, args=(HELLO,)) for _ in range(2)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join(WAIT)
+    assert _sockets_connected_to(upstream.port) == 2  # two keep-alive connections
+    upstream.configure(latency=0.0, stream_drop_after=1)
+    (dropped,) = [e for e in client.stream_chat(HELLO) if e.type == "error"]
+    assert dropped.error is not None
+    assert dropped.error.__cause__ is not None
+    assert _sockets_connected_to(upstream.port) == 1  # the stream's own is gone
+    client.close()
+    assert _sockets_connected_to(upstream.port) == 0
+
+
 def test_default_breaker_is_one_per_model_named_openai_model(upstream: FakeUpstream) -> None:
     with AIClient(upstream.url, model=MODEL) as client:
         assert isinstance(client.breaker, BreakerTemplate)
@@ -241,6 +319,29 @@ def test_default_breaker_is_one_per_model_named_openai_model(upstream: FakeUpstr
         assert mini is client.breaker_for("gpt-4o-mini")
         assert get_breaker("openai:gpt-4o") is client.breaker_for("gpt-4o")
         assert mini.metrics().successes == 1
+
+
+@pytest.mark.redis
+def test_two_clients_given_stores_of_one_redis_url_share_their_breakers(
+    upstream: FakeUpstream, redis_url: str
+) -> None:
+    """Two apps each resolve the configured URL into a store of their own and build a
+    client with it: the clients meet the same breaker template, not a ConfigError."""
+    registry = BreakerRegistry()
+    prefix = f"test:{uuid.uuid4().hex[:12]}:"
+    stores = [RedisStore(redis_url, key_prefix=prefix) for _ in range(2)]
+    try:
+        first, second = (
+            make_client(upstream, store=store, breaker={"registry": registry}) for store in stores
+        )
+        with first, second:
+            assert first.breaker is second.breaker
+            first.chat(HELLO)
+            assert second.breaker_for(MODEL) is first.breaker_for(MODEL)
+    finally:
+        for store in stores:
+            store.clear()
+            store.close()
 
 
 # -- the request -------------------------------------------------------------------------

@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 import requests
 
-from tests.conftest import RedisServer, free_port
+from tests._servers import gunicorn
+from tests.conftest import RedisServer
 
-ROOT = Path(__file__).resolve().parent.parent
 WORKERS = 4
 CONCURRENT_POSTS = 64
 
@@ -31,75 +24,27 @@ CONCURRENT_POSTS = 64
 class Served:
     url: str
     prefix: str
-    log: Path
-
-
-def _wait_until_serving(process: subprocess.Popen[bytes], port: int, log: Path) -> None:
-    """Until every worker has booted and the port accepts connections (30 s at most)."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"gunicorn exited early:\n{log.read_text()}")
-        booted = log.read_text().count("Booting worker")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                if booted >= WORKERS:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.05)  # waiting for an external process to start listening
-    raise RuntimeError(f"gunicorn did not start within 30 s:\n{log.read_text()}")
 
 
 @pytest.fixture
 def served_app(redis_server: RedisServer) -> Iterator[Served]:
-    port = free_port()
     prefix = f"test:{uuid.uuid4().hex[:12]}:"
-    env = {
-        **os.environ,
-        "AI_GUARD_TEST_REDIS_URL": redis_server.url,
-        "AI_GUARD_TEST_PREFIX": prefix,
-        "PYTHONPATH": str(ROOT),
-    }
-    command = [
-        sys.executable,
-        "-m",
-        "gunicorn",
-        "--workers",
-        str(WORKERS),
-        # Sync workers accept one connection at a time, so the 64 requests are spread
-        # over the 4 processes (a gthread worker may accept them all itself).
-        "--worker-class",
-        "sync",
-        "--bind",
-        f"127.0.0.1:{port}",
-        "--timeout",
-        "30",
-        "--graceful-timeout",
-        "5",
-        # The app is imported once, before the fork: a booted worker is a ready worker, and
-        # the workers inherit the parent's modules (claim tokens must differ per worker).
-        "--preload",
-        "--chdir",
-        str(ROOT),
-        "tests.apps.idempotent_app:app",
-    ]
-    with tempfile.TemporaryDirectory() as tmp:
-        log = Path(tmp) / "gunicorn.log"
-        with log.open("wb") as log_file:
-            process = subprocess.Popen(
-                command, env=env, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT
-            )
-            try:
-                _wait_until_serving(process, port, log)
-                yield Served(f"http://127.0.0.1:{port}", prefix, log)
-            finally:
-                process.terminate()
-                try:
-                    process.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait(timeout=5)
+    env = {"AI_GUARD_TEST_REDIS_URL": redis_server.url, "AI_GUARD_TEST_PREFIX": prefix}
+    try:
+        with gunicorn(
+            "tests.apps.idempotent_app:app",
+            # Sync workers (the default) accept one connection at a time, so the 64
+            # requests are spread over the 4 processes.
+            workers=WORKERS,
+            env=env,
+            ready_path="/health",
+            # The app is imported once, before the fork: a booted worker is a ready
+            # worker, and the workers inherit the parent's modules (claim tokens must
+            # differ per worker).
+            extra_args=("--preload",),
+        ) as server:
+            yield Served(server.url, prefix)
+    finally:
         client = redis.Redis.from_url(redis_server.url)
         keys = list(client.scan_iter(match=prefix + "*"))
         if keys:

@@ -525,8 +525,12 @@ _CHILD = textwrap.dedent(
     from ai_guard.pacing import RateLimitBudget
     from ai_guard.stores import RedisStore
 
-    url, prefix, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    url, prefix = sys.argv[1], sys.argv[2]
+    head_start, threads = int(sys.argv[3]), int(sys.argv[4])
     budget = RateLimitBudget(RedisStore(url, key_prefix=prefix), key="shared")
+    # Taken before the parent takes any: this process surely gets some of the budget.
+    ahead = sum(1 for _ in range(head_start) if budget.acquire() == 0)
+    print(json.dumps({"ahead": ahead}), flush=True)
     granted = []
     lock = threading.Lock()
 
@@ -538,13 +542,12 @@ _CHILD = textwrap.dedent(
                 granted.append(1)
 
     workers = [threading.Thread(target=worker) for _ in range(threads)]
-    print("ready", flush=True)
     sys.stdin.readline()
     for w in workers:
         w.start()
     for w in workers:
         w.join()
-    print(json.dumps({"granted": len(granted)}), flush=True)
+    print(json.dumps({"granted": ahead + len(granted)}), flush=True)
     """
 )
 
@@ -553,8 +556,17 @@ _CHILD = textwrap.dedent(
 def test_a_redis_budget_is_shared_exactly_with_another_process(redis_store: RedisStore) -> None:
     budget = RateLimitBudget(redis_store, key="shared")
     budget.observe(window_headers(limit=1000, remaining=60, reset="30s"))
+    head_start = 10
     with subprocess.Popen(
-        [sys.executable, "-c", _CHILD, redis_store.url, redis_store.key_prefix, "8"],
+        [
+            sys.executable,
+            "-c",
+            _CHILD,
+            redis_store.url,
+            redis_store.key_prefix,
+            str(head_start),
+            "8",
+        ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -562,7 +574,9 @@ def test_a_redis_budget_is_shared_exactly_with_another_process(redis_store: Redi
         try:
             assert child.stdout is not None
             assert child.stdin is not None
-            assert child.stdout.readline().strip() == "ready"
+            assert json.loads(child.stdout.readline()) == {"ahead": head_start}
+            # What the other process took is already gone from this one's budget.
+            assert budget.snapshot().requests.in_flight == head_start
             granted: list[int] = []
             lock = threading.Lock()
 
@@ -574,6 +588,7 @@ def test_a_redis_budget_is_shared_exactly_with_another_process(redis_store: Redi
                         granted.append(1)
 
             workers = [threading.Thread(target=worker) for _ in range(8)]
+            # Both processes now race for the other 50, 8 threads each.
             child.stdin.write("go\n")
             child.stdin.flush()
             for w in workers:
@@ -585,8 +600,8 @@ def test_a_redis_budget_is_shared_exactly_with_another_process(redis_store: Redi
         finally:
             if child.poll() is None:
                 child.kill()
-    assert len(granted) + child_granted == 60
-    assert child_granted > 0
+    assert child_granted >= head_start
+    assert len(granted) + child_granted == 60  # not one grant more, in either process
     assert budget.snapshot().requests.in_flight == 60
 
 

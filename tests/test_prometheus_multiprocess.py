@@ -3,11 +3,6 @@ answered by either worker counts the calls of both, exactly."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,9 +12,8 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import free_port
+from tests._servers import ROOT, gunicorn
 
-ROOT = Path(__file__).resolve().parent.parent
 WORKERS = 2
 MAX_CALLS = 600  # bounded load: stop once both workers have answered, or here
 BATCH = 60  # every fifth call of a batch fails
@@ -29,73 +23,22 @@ BATCH = 60  # every fifth call of a batch fails
 class Served:
     url: str
     multiproc_dir: Path
-    log: Path
-
-
-def _wait_until_serving(process: subprocess.Popen[bytes], url: str, log: Path) -> None:
-    """Until every worker has booted and /metrics answers (30 s at most)."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"gunicorn exited early:\n{log.read_text()}")
-        if log.read_text().count("Booting worker") >= WORKERS:
-            try:
-                if requests.get(f"{url}/metrics", timeout=2).status_code == 200:
-                    return
-            except requests.ConnectionError:
-                pass
-        time.sleep(0.05)  # waiting for an external process to start listening
-    raise RuntimeError(f"gunicorn did not start within 30 s:\n{log.read_text()}")
 
 
 @pytest.fixture
-def served_app() -> Iterator[Served]:
-    port = free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        multiproc_dir = Path(tmp) / "prometheus"
-        multiproc_dir.mkdir()
-        log = Path(tmp) / "gunicorn.log"
-        env = {
-            **os.environ,
-            "PROMETHEUS_MULTIPROC_DIR": str(multiproc_dir),
-            "PYTHONPATH": str(ROOT),
-        }
-        command = [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "--workers",
-            str(WORKERS),
-            # Sync workers take one connection at a time, so concurrent clients reach both.
-            "--worker-class",
-            "sync",
-            "--bind",
-            f"127.0.0.1:{port}",
-            "--timeout",
-            "30",
-            "--graceful-timeout",
-            "5",
-            "--config",
-            str(ROOT / "tests" / "apps" / "metrics_gunicorn_conf.py"),
-            "--chdir",
-            str(ROOT),
-            "tests.apps.metrics_app:app",
-        ]
-        url = f"http://127.0.0.1:{port}"
-        with log.open("wb") as log_file:
-            process = subprocess.Popen(
-                command, env=env, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT
-            )
-            try:
-                _wait_until_serving(process, url, log)
-                yield Served(url, multiproc_dir, log)
-            finally:
-                process.terminate()
-                try:
-                    process.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait(timeout=5)
+def served_app(tmp_path: Path) -> Iterator[Served]:
+    multiproc_dir = tmp_path / "prometheus"
+    multiproc_dir.mkdir()
+    with gunicorn(
+        "tests.apps.metrics_app:app",
+        # Sync workers (the default) take one connection at a time: concurrent clients
+        # reach both.
+        workers=WORKERS,
+        env={"PROMETHEUS_MULTIPROC_DIR": str(multiproc_dir)},
+        ready_path="/metrics",
+        extra_args=("--config", str(ROOT / "tests" / "apps" / "metrics_gunicorn_conf.py")),
+    ) as server:
+        yield Served(server.url, multiproc_dir)
 
 
 def _scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -6,11 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
-import subprocess
-import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,9 +24,8 @@ from opentelemetry.trace import SpanKind, StatusCode
 from ai_guard.errors import UpstreamError
 from ai_guard.tracing import traced_ai
 from ai_guard.types import ChatResult, Usage
-from tests.conftest import free_port
+from tests._servers import ROOT, gunicorn
 
-ROOT = Path(__file__).resolve().parent.parent
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
 
@@ -192,73 +187,28 @@ WORKERS = 2
 REQUESTS = 12
 
 
-def _wait_until_serving(process: subprocess.Popen[bytes], port: int, log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"gunicorn exited early:\n{log.read_text()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                if log.read_text().count("Booting worker") >= WORKERS:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.05)  # waiting for an external process to start listening
-    raise RuntimeError(f"gunicorn did not start within 30 s:\n{log.read_text()}")
-
-
 @pytest.mark.slow
 def test_under_gunicorn_every_ai_span_nests_under_its_request_span(tmp_path: Path) -> None:
     (tmp_path / "traced_app.py").write_text(APP_SOURCE)
     spans_file = tmp_path / "spans.jsonl"
-    log = tmp_path / "gunicorn.log"
-    port = free_port()
     env = {
-        **os.environ,
         "AI_GUARD_TEST_SPANS": str(spans_file),
         "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]),
+        "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT": None,
     }
-    env.pop("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", None)
-    command = [
-        sys.executable,
-        "-m",
-        "gunicorn",
-        "--workers",
-        str(WORKERS),
-        "--worker-class",
-        "sync",
-        "--bind",
-        f"127.0.0.1:{port}",
-        "--timeout",
-        "30",
-        "--graceful-timeout",
-        "5",
-        "--chdir",
-        str(tmp_path),
-        "traced_app:app",
-    ]
     trace_ids = [f"{i + 1:032x}" for i in range(REQUESTS)]
-    with log.open("wb") as log_file:
-        process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-        try:
-            _wait_until_serving(process, port, log)
+    # No readiness route: a request to one would add a request span of its own.
+    with gunicorn("traced_app:app", workers=WORKERS, env=env, ready_path=None) as server:
 
-            def send(trace_id: str) -> requests.Response:
-                return requests.post(
-                    f"http://127.0.0.1:{port}/ask",
-                    headers={"traceparent": f"00-{trace_id}-{PARENT_ID}-01"},
-                    timeout=30,
-                )
+        def send(trace_id: str) -> requests.Response:
+            return requests.post(
+                f"{server.url}/ask",
+                headers={"traceparent": f"00-{trace_id}-{PARENT_ID}-01"},
+                timeout=30,
+            )
 
-            with ThreadPoolExecutor(max_workers=4) as pool:
-                responses = list(pool.map(send, trace_ids))
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            responses = list(pool.map(send, trace_ids))
     assert [r.status_code for r in responses] == [200] * REQUESTS
     spans = [json.loads(line) for line in spans_file.read_text().splitlines()]
     servers = {s["trace_id"]: s for s in spans if s["kind"] == "SERVER"}
