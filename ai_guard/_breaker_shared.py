@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ai_guard.stores import Script, ScriptOps, Store
+from ai_guard.stores import MemoryStore, Script, ScriptOps, Store
 
 __all__ = ["SharedCircuit", "SharedView"]
 
@@ -388,6 +388,7 @@ class SharedCircuit:
         "_timeout",
         "_ttl",
         "_window",
+        "in_process",
         "key",
         "store",
     )
@@ -406,6 +407,9 @@ class SharedCircuit:
     ) -> None:
         self.store = store
         self.key = f"breaker:{name}"
+        #: A memory store lives in this process: the state is shared only with the other
+        #: breakers of this process on the same store (event reasons say so).
+        self.in_process = isinstance(store, MemoryStore)
         self._window = window
         # Without a count threshold (failure-rate only) failures are not counted here.
         self._threshold = failure_threshold
@@ -418,7 +422,7 @@ class SharedCircuit:
 
     @property
     def counts_failures(self) -> bool:
-        """Whether failures are counted across processes (a count threshold is set)."""
+        """Whether failures are counted in the store (a count threshold is set)."""
         return self._threshold is not None
 
     def read(self) -> SharedView:

@@ -66,13 +66,16 @@ reported to the store and its answer read). ``sync_interval=0`` reads it on ever
 one store round trip per call. Failure *rates* are evaluated per process (sharing them
 would put the store on every successful call); a process that trips on its rate opens
 the shared circuit. The state lives under the key ``breaker:<name>`` (after the store's
-prefix), so breakers with the same name and store are one circuit. Deadlines are
-wall-clock times: hosts sharing a breaker should keep their clocks in sync (NTP); a skew
-moves the next trial call by that much. If the store cannot be reached, the breaker logs
-one WARNING and decides on this process's own state (``on_store_error="local"``, the
-default) or rejects every call (``"reject"``) until the store answers again (tried every
-``store_retry_interval`` seconds); a circuit it opened alone meanwhile is then handed to
-the store.
+prefix), so breakers with the same name and store are one circuit. A memory store
+(``memory://``) lives in one process: it makes one circuit of the breakers of that
+process on the same store (two registries, two apps), and the event reasons say so
+(``"5 failures in 60s"`` where Redis gives ``"5 failures in 60s across processes"``).
+Deadlines are wall-clock times: hosts sharing a breaker should keep their clocks in sync
+(NTP); a skew moves the next trial call by that much. If the store cannot be reached, the
+breaker logs one WARNING and decides on this process's own state
+(``on_store_error="local"``, the default) or rejects every call (``"reject"``) until the
+store answers again (tried every ``store_retry_interval`` seconds); a circuit it opened
+alone meanwhile is then handed to the store.
 """
 
 from __future__ import annotations
@@ -88,6 +91,7 @@ from dataclasses import asdict, dataclass
 from enum import Enum
 from types import GeneratorType
 from typing import Any, Literal, ParamSpec, TypeVar, cast
+from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationInfo, field_validator
 
@@ -99,11 +103,11 @@ from ai_guard._breaker_shared import (
     SharedView,
 )
 from ai_guard._breaker_window import SlidingWindow, Tally
-from ai_guard.clock import SYSTEM_CLOCK, Clock
+from ai_guard.clock import SYSTEM_CLOCK, Clock, SystemClock
 from ai_guard.config import GuardConfig, build_config
 from ai_guard.context import current_call
 from ai_guard.errors import CircuitOpenError, ConfigError, StoreError
-from ai_guard.stores import Store, resolve_store
+from ai_guard.stores import RedisStore, Store, resolve_store, store_from_url
 
 __all__ = [
     "MAX_TEMPLATE_BREAKERS",
@@ -276,9 +280,60 @@ class BreakerConfig(GuardConfig):
 
 def _first_difference(existing: BreakerConfig, new: BreakerConfig) -> str | None:
     for field in BreakerConfig.model_fields:
-        if field != "name" and getattr(existing, field) != getattr(new, field):
+        if field != "name" and not _same_setting(
+            field, getattr(existing, field), getattr(new, field)
+        ):
             return field
     return None
+
+
+def _same_setting(field: str, existing: Any, new: Any) -> bool:
+    """Whether two values of one breaker setting configure the same breaker.
+
+    Callables (``fallback``, ``failure_predicate``) and clocks are compared by identity: a
+    :class:`~ai_guard.testing.FakeClock` is state of its own. Every
+    :class:`~ai_guard.clock.SystemClock` is the same real clock. Stores are compared by
+    what they address (:func:`_store_address`).
+    """
+    if existing is new or existing == new:
+        return True
+    if field == "store":
+        return bool(_store_address(existing) == _store_address(new))
+    if field == "clock":
+        return isinstance(existing, SystemClock) and isinstance(new, SystemClock)
+    return False
+
+
+def _store_address(store: Store | str | None) -> object:
+    """What a ``store=`` value addresses, to compare two settings of one breaker.
+
+    A Redis store is its server, database and key prefix: two ``RedisStore`` objects built
+    from one URL (two apps, two clients) hold the same shared state. Any other store is
+    itself: two memory stores are two separate states. A URL is what the store built from
+    it would address (a ``memory://`` URL, its text).
+    """
+    if isinstance(store, str):
+        if urlsplit(store).scheme == "memory":
+            return store
+        resolved = store_from_url(store)  # redis-py connects lazily: no round trip here
+        try:
+            return _store_address(resolved)
+        finally:
+            resolved.close()
+    if isinstance(store, RedisStore):
+        pool = getattr(store.client, "connection_pool", None)
+        kwargs = getattr(pool, "connection_kwargs", None)
+        # The connection's own settings when there are any (a store given ``client=``
+        # has only the default URL), else the URL.
+        where: object = store.url
+        if isinstance(kwargs, dict):
+            db = int(kwargs.get("db") or 0)
+            if kwargs.get("path"):
+                where = ("unix", kwargs["path"], db)
+            else:  # redis-py's defaults: "redis://h/0" is "redis://h:6379/0"
+                where = (kwargs.get("host") or "localhost", int(kwargs.get("port") or 6379), db)
+        return (type(store), where, store.key_prefix)
+    return store
 
 
 # -- events and figures ------------------------------------------------------------------
@@ -291,8 +346,9 @@ class BreakerEvent:
     ``at`` is wall-clock time; ``reason`` says why in words (``"5 failures in 60s"``);
     ``failures`` and ``failure_rate`` describe the window at the moment of the change;
     ``retry_after`` is the open time left (0 unless ``to_state`` is open); ``source`` is
-    ``"local"`` when this process made the change, ``"store"`` when it observed a change
-    made by another process through the shared store.
+    ``"local"`` when this breaker made the change, ``"store"`` when it observed a change
+    made through the shared store by another process (with a memory store: by another
+    breaker of this process on the same store).
     """
 
     breaker: str
@@ -426,9 +482,44 @@ class BreakerRegistry:
             breaker._registry = self
 
     def remove(self, name: str) -> bool:
-        """Forget the breaker named ``name``; ``True`` if there was one."""
+        """Forget the breaker named ``name``; ``True`` if there was one.
+
+        A template of this registry that made it forgets it too: its next call naming that
+        value gets a new breaker (closed, counts empty), registered under the same name.
+        """
         with self._lock:
-            return self._breakers.pop(name, None) is not None
+            removed = self._breakers.pop(name, None)
+            templates = list(self._templates.values())
+        # Outside the registry's lock: a template takes its own lock, then the registry's.
+        for family in templates:
+            family._forget(name)
+        return removed is not None
+
+    def templates(self) -> list[BreakerTemplate]:
+        """Every breaker template of this registry, ordered by template."""
+        with self._lock:
+            return [self._templates[t] for t in sorted(self._templates)]
+
+    def remove_template(self, template: BreakerTemplate | str) -> bool:
+        """Forget a breaker template (the object, or the one registered under that text)
+        and the breakers it made; ``True`` if the registry held it.
+
+        Asking for the template again then creates a new one, with new options if given.
+        Functions already decorated with the old template keep calling through it and its
+        breakers, which the registry (and so the health endpoint) no longer lists.
+        """
+        text = template if isinstance(template, str) else template.template
+        with self._lock:
+            held = self._templates.get(text)
+            if held is None or (isinstance(template, BreakerTemplate) and held is not template):
+                return False
+            del self._templates[text]
+        made = held._made()  # the template's lock, not within the registry's
+        with self._lock:
+            for breaker in made:
+                if self._breakers.get(breaker.name) is breaker:
+                    del self._breakers[breaker.name]
+        return True
 
     def all(self) -> list[CircuitBreaker]:
         """Every registered breaker, ordered by name."""
@@ -1165,7 +1256,7 @@ class CircuitBreaker(BreakerDecorator):
                 self._opened_at = view.opened_at
             elif target is not self._state:
                 source = "local" if reason is not None else "store"
-                why = reason or f"shared state is {target.value} (changed by another process)"
+                why = reason or f"shared state is {target.value} (changed by {_changed_by(self)})"
                 event = self._transition(
                     target,
                     now,
@@ -1262,7 +1353,9 @@ class CircuitBreaker(BreakerDecorator):
                 result = shared.record_failure(wall)
                 if result.transitioned:
                     threshold = self._count_threshold
-                    why = f"{threshold} failures in {self.config.window:g}s across processes"
+                    why = f"{threshold} failures in {self.config.window:g}s"
+                    if not shared.in_process:
+                        why += " across processes"
                     self._adopt(result.view, now, why)
                     return
                 if result.view.state != "c":
@@ -1335,6 +1428,14 @@ class CircuitBreaker(BreakerDecorator):
             self.name,
             extra={"breaker": self.name},
         )
+
+
+def _changed_by(breaker: CircuitBreaker) -> str:
+    """Who changed a shared state that ``breaker`` observed, in words for its event."""
+    shared = breaker._shared
+    if shared is not None and shared.in_process:
+        return "another breaker on the same memory store"
+    return "another process"
 
 
 def _check_sync(fn: Callable[..., Any]) -> None:
@@ -1426,6 +1527,23 @@ class BreakerTemplate(BreakerDecorator):
         """The breakers created so far, by name."""
         with self._lock:
             return sorted(self._by_key.values(), key=lambda b: b.name)
+
+    def _made(self) -> list[CircuitBreaker]:
+        """Every breaker this template made, the overflow breaker included."""
+        with self._lock:
+            made = list(self._by_key.values())
+            if self._overflow is not None:
+                made.append(self._overflow)
+            return made
+
+    def _forget(self, name: str) -> None:
+        """Drop the breaker named ``name`` from the cache (the registry removed it)."""
+        with self._lock:
+            # In place: the decorated functions read this very dict.
+            for key in [k for k, b in self._by_key.items() if b.name == name]:
+                del self._by_key[key]
+            if self._overflow is not None and self._overflow.name == name:
+                self._overflow = None
 
     def _for_key(self, key: Any) -> CircuitBreaker:
         breaker = self._by_key.get(key)

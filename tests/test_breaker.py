@@ -26,9 +26,10 @@ from ai_guard.breaker import (
     default_registry,
     get_breaker,
 )
+from ai_guard.clock import SYSTEM_CLOCK, SystemClock
 from ai_guard.context import close_call, current_call, open_call
 from ai_guard.errors import CircuitOpenError, ConfigError
-from ai_guard.stores import Store
+from ai_guard.stores import MemoryStore, Store
 from ai_guard.testing import FakeClock
 
 WAIT = 10.0  # seconds a test waits for another thread before it fails (never reached)
@@ -1030,6 +1031,86 @@ def test_registry_is_safe_under_many_threads(clock: FakeClock, registry: Breaker
     assert len({id(b) for b in got}) == 5
 
 
+def test_same_options_compare_clocks_by_identity_but_every_system_clock_alike(
+    clock: FakeClock, registry: BreakerRegistry
+) -> None:
+    first = circuit_breaker("db", registry=registry, clock=SYSTEM_CLOCK)
+    assert circuit_breaker("db", registry=registry, clock=SystemClock()) is first
+    circuit_breaker("cache", registry=registry, clock=clock)
+    with pytest.raises(ConfigError) as caught:
+        circuit_breaker("cache", registry=registry, clock=FakeClock())  # another timeline
+    assert caught.value.setting == "clock"
+
+
+def test_same_options_tell_two_memory_stores_apart(registry: BreakerRegistry) -> None:
+    """Two memory stores are two separate states: not the same breaker configuration."""
+    mine = MemoryStore()
+    first = circuit_breaker("openai:{model}", registry=registry, store=mine)
+    assert circuit_breaker("openai:{model}", registry=registry, store=mine) is first
+    with pytest.raises(ConfigError) as caught:
+        circuit_breaker("openai:{model}", registry=registry, store=MemoryStore())
+    assert caught.value.setting == "store"
+    with pytest.raises(ConfigError):
+        circuit_breaker("openai:{model}", registry=registry, store="memory://")
+
+
+def test_removing_a_breaker_also_drops_it_from_its_template(
+    clock: FakeClock, registry: BreakerRegistry
+) -> None:
+    template = circuit_breaker(
+        "openai:{model}", registry=registry, clock=clock, failure_threshold=1
+    )
+    assert isinstance(template, BreakerTemplate)
+
+    @template
+    def ask(*, model: str) -> str:
+        if model == "gpt-4o":
+            raise Boom
+        return model
+
+    with pytest.raises(Boom):
+        ask(model="gpt-4o")
+    old = registry.get("openai:gpt-4o")
+    assert old is not None
+    assert old.state == "open"
+    assert registry.remove("openai:gpt-4o")
+    assert [b.name for b in template.breakers()] == []
+    # The next call gets a new, closed breaker, registered again under the same name.
+    with pytest.raises(Boom):
+        ask(model="gpt-4o")
+    new = registry.get("openai:gpt-4o")
+    assert new is not None
+    assert new is not old
+    assert template.breaker(model="gpt-4o") is new
+    assert not registry.remove("openai:never-created")
+
+
+def test_remove_template_forgets_the_template_and_its_breakers(
+    clock: FakeClock, registry: BreakerRegistry
+) -> None:
+    template = circuit_breaker("openai:{model}", registry=registry, clock=clock, timeout=10)
+    assert isinstance(template, BreakerTemplate)
+    template.breaker(model="gpt-4o")
+    template.breaker(model="gpt-4o-mini")
+    registry.get_or_create("unrelated", clock=clock)
+    assert registry.templates() == [template]
+
+    assert registry.remove_template(template)
+    assert registry.templates() == []
+    assert [b.name for b in registry.all()] == ["unrelated"]
+    assert not registry.remove_template(template)
+    # Asked again, with other options: a new template, no ConfigError.
+    again = circuit_breaker("openai:{model}", registry=registry, clock=clock, timeout=20)
+    assert isinstance(again, BreakerTemplate)
+    assert again is not template
+    assert again.breaker(model="gpt-4o").config.timeout == 20
+    # A stale template object does not remove the registered one; its text does.
+    assert not registry.remove_template(template)
+    assert registry.templates() == [again]
+    assert registry.remove_template("openai:{model}")
+    assert registry.get("openai:gpt-4o") is None
+
+
 def test_template_keeps_one_breaker_per_model(clock: FakeClock, registry: BreakerRegistry) -> None:
     template = circuit_breaker(
         "openai:{model}", registry=registry, clock=clock, failure_threshold=2
@@ -1365,8 +1446,30 @@ def test_a_worker_observing_a_shared_change_tells_its_listeners(
     trip(first)
     assert second.state == "open"
     assert [(e.to_state, e.source) for e in mine] == [("open", "local")]
-    assert mine[0].reason == "5 failures in 60s across processes"
     assert [(e.to_state, e.source) for e in theirs] == [("open", "store")]
+    if isinstance(store, MemoryStore):  # one process: no claim about other processes
+        assert mine[0].reason == "5 failures in 60s"
+        assert theirs[0].reason == (
+            "shared state is open (changed by another breaker on the same memory store)"
+        )
+    else:
+        assert mine[0].reason == "5 failures in 60s across processes"
+        assert theirs[0].reason == "shared state is open (changed by another process)"
+
+
+def test_a_breaker_on_a_memory_store_words_its_reasons_for_one_process(
+    fake_clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What ``python -m ai_guard demo`` shows: a memory store takes the shared path, but
+    it is one process's, so its reasons read like a local breaker's."""
+    caplog.set_level(logging.WARNING, logger="ai_guard.breaker")
+    breaker = CircuitBreaker("svc", store="memory://", clock=fake_clock, registry=None)
+    seen: list[BreakerEvent] = []
+    breaker.add_listener(seen.append)
+    trip(breaker)
+    assert [(e.to_state, e.reason) for e in seen] == [("open", "5 failures in 60s")]
+    assert "across processes" not in caplog.text
+    assert breaker.metrics().shared
 
 
 def test_a_failure_rate_trip_is_shared(store: Store, fake_clock: FakeClock) -> None:

@@ -18,8 +18,14 @@ from typing import Any
 
 import pytest
 
-from ai_guard.breaker import BreakerEvent, CircuitBreaker
-from ai_guard.errors import CircuitOpenError
+from ai_guard.breaker import (
+    BreakerEvent,
+    BreakerRegistry,
+    BreakerTemplate,
+    CircuitBreaker,
+    circuit_breaker,
+)
+from ai_guard.errors import CircuitOpenError, ConfigError
 from ai_guard.stores import RedisStore
 from ai_guard.testing import FakeClock
 from tests.conftest import RedisServer, free_port
@@ -308,8 +314,6 @@ def test_the_breaker_shares_again_when_the_store_comes_back(
 
 
 def test_a_template_shares_one_store_between_its_models(redis_url: str, prefix: str) -> None:
-    from ai_guard.breaker import BreakerRegistry, circuit_breaker
-
     registry = BreakerRegistry()
     template = circuit_breaker(
         "openai:{model}", registry=registry, store=redis_url, clock=FakeClock(wall_start=WALL)
@@ -327,3 +331,35 @@ def test_a_template_shares_one_store_between_its_models(redis_url: str, prefix: 
     assert full.store is mini.store  # one connection pool for the family
     assert isinstance(full.store, RedisStore)
     full.store.close()
+
+
+def test_two_redis_stores_on_one_url_configure_the_same_breaker(
+    redis_url: str, prefix: str
+) -> None:
+    """Two apps (two clients) resolve the same URL each into a RedisStore of their own:
+    the registry sees one shared state, not a conflicting ``store`` option."""
+    registry = BreakerRegistry()
+    mine = RedisStore(redis_url, key_prefix=prefix)
+    theirs = RedisStore(redis_url, key_prefix=prefix)
+    spelled_out = redis_url.replace("/0", "").rstrip("/") + "/0"  # host:port/0
+    other_prefix = RedisStore(redis_url, key_prefix=prefix + "other:")
+    other_db = RedisStore(redis_url.rsplit("/", 1)[0] + "/1", key_prefix=prefix)
+    stores = (mine, theirs, other_prefix, other_db)
+    try:
+        template = circuit_breaker("openai:{model}", registry=registry, store=mine)
+        assert isinstance(template, BreakerTemplate)
+        assert circuit_breaker("openai:{model}", registry=registry, store=theirs) is template
+        breaker = template.breaker(model="gpt-4o")
+        assert registry.get_or_create("openai:gpt-4o", store=theirs) is breaker
+        url_with_prefix = f"{spelled_out}?key_prefix={prefix}"
+        assert registry.get_or_create("openai:gpt-4o", store=url_with_prefix) is breaker
+        plain = registry.get_or_create("plain", store=redis_url)  # a URL, then a store
+        assert registry.get_or_create("plain", store=RedisStore(redis_url)) is plain
+        # Another key prefix or another database is another state.
+        for other in (other_prefix, other_db):
+            with pytest.raises(ConfigError) as caught:
+                circuit_breaker("openai:{model}", registry=registry, store=other)
+            assert caught.value.setting == "store"
+    finally:
+        for store in stores:
+            store.close()
