@@ -27,8 +27,10 @@ header, else ``"anonymous"``. Principal A's stored response is never replayed to
 request with the same key runs on its own.
 
 What is stored: the status, the headers minus hop-by-hop headers, ``Set-Cookie`` and
-``Content-Length``, and the body, for ``ttl`` seconds (24 h). **Not stored** (the claim is
-released, so a retry runs the view again):
+``Content-Length``, and the body, for ``ttl`` seconds (24 h), as a record of codec
+``http.v2`` (see :func:`_response_record`; records of codec ``http`` that earlier releases
+wrote are still replayed). **Not stored** (the claim is released, so a retry runs the view
+again):
 
 - a 5xx response or an exception (including ``abort(...)``). Stripe stores 500s too and
   replays them; we don't, because a 5xx usually means the work did not happen and the
@@ -40,6 +42,11 @@ released, so a retry runs the view again):
 
 The replay is built with the app's ``response_class``; headers that ``after_request``
 handlers add are added to replays as well (they are not stored).
+
+Per request the guard reads the request object, ``g`` and the app once each (every read
+through a Flask proxy looks the object up again) and the headers straight from the WSGI
+environ; a replay of a finished request is recognised by one prefix comparison with the
+record this request would have stored.
 """
 
 from __future__ import annotations
@@ -48,17 +55,19 @@ import functools
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar, cast
 
-from flask import current_app, g, has_request_context, request
-from flask.wrappers import Response
+from flask import Flask, current_app, g, request
+from flask.wrappers import Request, Response
 
 from ai_guard.clock import Clock
 from ai_guard.context import current_call
 from ai_guard.errors import IdempotencyError, IdempotencyKeyError, StoreError
 from ai_guard.idempotency import (
     _HTTP_CODEC,
+    _HTTP_JSON_CODEC,
     IDEMPOTENCY_HEADER,
     REPLAYED_HEADER,
     IdempotencyConfig,
@@ -106,6 +115,14 @@ UNSTORED_HEADERS = frozenset(
 
 PROBLEM_TYPE_PREFIX = "urn:ai-guard:problem:"
 
+# Where a WSGI server puts the request headers this module reads (PEP 3333: a header sent
+# twice arrives as one comma-joined value, which parse_idempotency_key refuses as a list).
+_KEY_ENVIRON = "HTTP_" + IDEMPOTENCY_HEADER.upper().replace("-", "_")
+_AUTHORIZATION_ENVIRON = "HTTP_AUTHORIZATION"
+# The common key, a bare token (no quotes, no list, no spaces, 1-255 visible ASCII), is
+# accepted as it is; anything else goes through parse_idempotency_key and its messages.
+_BARE_KEY = re.compile(r"[\x21\x23-\x2b\x2d-\x7e][\x21-\x2b\x2d-\x7e]{0,254}")
+
 
 def problem_response(
     status: int, problem: str, title: str, detail: str, *, retry_after: int | None = None
@@ -138,56 +155,168 @@ def _principal_id(principal: Any) -> str | None:
     return None if identifier is None else str(identifier)
 
 
-def default_scope() -> str:
-    """The scope of the current request when the view gives no ``scope=``: the
-    authenticated principal's id, else the ``Authorization`` header's SHA-256, else
-    ``"anonymous"``."""
-    principal = g.get("principal")
+def _current(proxy: Any) -> Any:
+    """The object behind a Flask context proxy, resolved once: every attribute read
+    through the proxy would resolve it again."""
+    return proxy._get_current_object()
+
+
+def _scope(app_globals: Any, environ: dict[str, Any]) -> str:
+    principal = app_globals.get("principal")
     if principal is None:
-        principal = g.get("user")
+        principal = app_globals.get("user")
     identifier = _principal_id(principal)
     if identifier is not None:
         return "principal:" + identifier
-    authorization = request.headers.get("Authorization")
+    authorization = environ.get(_AUTHORIZATION_ENVIRON)
     if authorization:
         return "authorization:" + hashlib.sha256(authorization.encode("latin-1")).hexdigest()
     return "anonymous"
 
 
-def request_fingerprint(scope: str) -> bytes:
-    """What makes two requests "the same" for one key: method, path, query string, body
-    bytes and scope, as a hex SHA-256 (128 bits)."""
-    digest = hashlib.sha256()
-    digest.update(f"{request.method}\n{request.path}\n".encode("utf-8", "backslashreplace"))
-    digest.update(request.query_string)
-    digest.update(b"\n" + scope.encode("utf-8", "backslashreplace") + b"\n")
-    # cache=True: the view can still read the body (get_json, form) after us.
-    digest.update(request.get_data(cache=True))
+def default_scope() -> str:
+    """The scope of the current request when the view gives no ``scope=``: the
+    authenticated principal's id, else the ``Authorization`` header's SHA-256, else
+    ``"anonymous"``."""
+    return _scope(_current(g), _current(request).environ)
+
+
+def _fingerprint(req: Request, scope: str) -> bytes:
+    # One digest over: method, path, query string, scope, body (cache=True: the view can
+    # still read the body, with get_json or form, after us).
+    digest = hashlib.sha256(
+        f"{req.method}\n{req.path}\n".encode("utf-8", "backslashreplace")
+        + req.query_string
+        + b"\n"
+        + scope.encode("utf-8", "backslashreplace")
+        + b"\n"
+    )
+    digest.update(req.get_data(cache=True))
     return digest.hexdigest()[:32].encode("ascii")
 
 
+def request_fingerprint(scope: str) -> bytes:
+    """What makes two requests "the same" for one key: method, path, query string, body
+    bytes and scope, as a hex SHA-256 (128 bits)."""
+    return _fingerprint(_current(request), scope)
+
+
+# Longest scope whose digest is remembered (a principal id, "authorization:" + 64 hex).
+_SCOPE_KEPT_LENGTH = 256
+
+
+class _ScopeDigests:
+    """The store-key part of each scope (a digest), remembered for the scopes seen
+    lately: most requests come from a few principals. Bounded; a dict's get and set are
+    atomic, so threads share it without a lock (the worst case is a digest computed
+    twice)."""
+
+    __slots__ = ("digests", "limit")
+
+    def __init__(self, limit: int = 4096) -> None:
+        self.digests: dict[str, str] = {}
+        self.limit = limit
+
+    def __call__(self, scope: str) -> str:
+        digest = self.digests.get(scope)
+        if digest is None:
+            digest = _digest(scope)
+            if len(scope) <= _SCOPE_KEPT_LENGTH:
+                if len(self.digests) >= self.limit:
+                    self.digests = {}
+                self.digests[scope] = digest
+        return digest
+
+
+_SCOPE_DIGESTS = _ScopeDigests()
+
+
 def _storable_body(response: Response, max_body_bytes: int) -> bytes | None:
-    if response.is_streamed or response.direct_passthrough:
+    if response.direct_passthrough:
         return None
-    body = response.get_data()
+    parts = response.response
+    if type(parts) is list and len(parts) == 1 and type(parts[0]) is bytes:
+        body = parts[0]  # what get_data() joins, for a body set at once (jsonify, a str)
+    elif response.is_streamed:
+        return None
+    else:
+        body = response.get_data()
     return body if len(body) <= max_body_bytes else None
 
 
-def _encode_response(response: Response, body: bytes) -> bytes:
-    headers = [
-        [name, value]
-        for name, value in response.headers.items()
-        if name.lower() not in UNSTORED_HEADERS
-    ]
-    meta = json.dumps({"status": response.status, "headers": headers}, separators=(",", ":"))
-    return meta.encode("utf-8") + b"\n" + body
+def _response_record(fingerprint: bytes, response: Response, body: bytes) -> bytes:
+    """The completed record of a response: its status, its storable headers and ``body``.
+
+    The payload (codec ``http.v2``) is the length of a head in bytes, a line break, the
+    head, then the body::
+
+        <length>\n<status>\n<name>\n<value>\n...<name>\n<value><body>
+
+    The head's lines are UTF-8; the length frames it, so a value may be empty and the body
+    may hold anything. A header with a line break in its name or value (Werkzeug refuses
+    them in values) cannot be framed by lines: such a response is stored in the JSON form
+    of codec ``http`` instead, which every release reads."""
+    fields = [response.status]
+    for name, value in response.headers:
+        if name.lower() not in UNSTORED_HEADERS:
+            fields.append(name)
+            fields.append(value)
+    head = "\n".join(fields)
+    if head.count("\n") != len(fields) - 1:
+        headers = list(zip(fields[1::2], fields[2::2], strict=True))
+        meta = json.dumps({"status": fields[0], "headers": headers}, separators=(",", ":"))
+        return done_record(fingerprint, _HTTP_JSON_CODEC, meta.encode("utf-8") + b"\n" + body)
+    encoded = head.encode("utf-8", "surrogatepass")
+    return b"%s%d\n%s%s" % (
+        done_record(fingerprint, _HTTP_CODEC, b""),
+        len(encoded),
+        encoded,
+        body,
+    )
 
 
-def _replay_response(record: Record) -> Response:
-    meta_line, _, body = record.payload.partition(b"\n")
+def _decode_response(payload: bytes) -> tuple[str, list[tuple[str, str]], bytes]:
+    """Status, headers and body of an ``http.v2`` payload (see :func:`_response_record`);
+    ``ValueError`` when it is not one."""
+    size_end = payload.index(b"\n")
+    size = int(payload[:size_end])
+    start = size_end + 1
+    end = start + size
+    if size < 0 or end > len(payload):
+        raise ValueError(f"the stored response's head length {size} does not fit")
+    status, *fields = payload[start:end].decode("utf-8", "surrogatepass").split("\n")
+    if len(fields) % 2:
+        raise ValueError("the stored response's headers are not name/value pairs")
+    return status, list(zip(fields[0::2], fields[1::2], strict=True)), payload[end:]
+
+
+def _decode_json_response(payload: bytes) -> tuple[str, list[tuple[str, str]], bytes]:
+    """Status, headers and body of an ``http`` payload, as releases before ``http.v2``
+    wrote them: a JSON head line, then the body."""
+    meta_line, _, body = payload.partition(b"\n")
     meta = json.loads(meta_line)
-    headers = [(name, value) for name, value in meta["headers"]]
-    response = current_app.response_class(body, status=meta["status"], headers=headers)
+    return meta["status"], [(name, value) for name, value in meta["headers"]], body
+
+
+_DECODERS: dict[str, Callable[[bytes], tuple[str, list[tuple[str, str]], bytes]]] = {
+    _HTTP_CODEC: _decode_response,
+    _HTTP_JSON_CODEC: _decode_json_response,
+}
+
+
+def _replay_response(payload: bytes, codec: str, key: str) -> Response:
+    decode = _DECODERS.get(codec)
+    if decode is None:
+        raise IdempotencyError(
+            f"idempotency key {key!r} holds a {codec!r} record, not a response", key=key
+        )
+    try:
+        status, headers, body = decode(payload)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise IdempotencyError(
+            f"the response stored for idempotency key {key!r} cannot be read: {exc}", key=key
+        ) from exc
+    response = current_app.response_class(body, status=status, headers=headers)
     response.headers[REPLAYED_HEADER] = "true"
     return response
 
@@ -203,18 +332,27 @@ def guard_view(
     prefix = f"idem:v:{config.namespace or 'http'}:"
     in_flight_ttl = config.in_flight_ttl
     retry_after = config.retry_after
+    required = config.required
+    fail_open = config.fail_open
+    ttl = config.ttl
+    max_body_bytes = config.max_body_bytes
+    bare_key = _BARE_KEY.fullmatch
+    scope_digest = _SCOPE_DIGESTS
 
     @functools.wraps(view)
     def idempotent_view(*args: Any, **kwargs: Any) -> Any:
-        if not has_request_context():
+        try:
+            req: Request = _current(request)
+        except RuntimeError:
             raise RuntimeError(
                 f"@idempotent() without key= guards a Flask view and reads the "
                 f"{IDEMPOTENCY_HEADER} header, but {view.__qualname__} was called outside "
                 "a request; pass key= to guard a plain function"
-            )
-        values = request.headers.getlist(IDEMPOTENCY_HEADER)
-        if not values:
-            if config.required:
+            ) from None
+        environ = req.environ
+        value = environ.get(_KEY_ENVIRON)
+        if value is None:
+            if required:
                 return problem_response(
                     400,
                     "idempotency-key-missing",
@@ -222,16 +360,22 @@ def guard_view(
                     f"This operation requires an {IDEMPOTENCY_HEADER} header.",
                 )
             return view(*args, **kwargs)
-        try:
-            key = parse_idempotency_key(values)
-        except IdempotencyKeyError as exc:
-            return problem_response(
-                400, "idempotency-key-invalid", "Idempotency-Key is invalid", str(exc)
-            )
-        scope = default_scope() if scope_of is None else scope_of(*args, **kwargs)
-        scope_text = "-" if scope is None else str(scope)
-        skey = f"{prefix}{_digest(scope_text)}:{key}"
-        fingerprint = request_fingerprint(scope_text)
+        if bare_key(value) is not None:
+            key: str = value
+        else:
+            try:
+                key = parse_idempotency_key(value)
+            except IdempotencyKeyError as exc:
+                return problem_response(
+                    400, "idempotency-key-invalid", "Idempotency-Key is invalid", str(exc)
+                )
+        if scope_of is None:
+            scope_text = _scope(_current(g), environ)
+        else:
+            scope = scope_of(*args, **kwargs)
+            scope_text = "-" if scope is None else str(scope)
+        skey = f"{prefix}{scope_digest(scope_text)}:{key}"
+        fingerprint = _fingerprint(req, scope_text)
         ctx = current_call()
         if ctx is not None:
             ctx.idempotency_key = key
@@ -240,7 +384,7 @@ def guard_view(
         try:
             existing = try_claim(guard_store, skey, claim, in_flight_ttl)
         except StoreError as exc:
-            if config.fail_open:
+            if fail_open:
                 _log.warning("store unavailable (%s); running the view without idempotency", exc)
                 return view(*args, **kwargs)
             return problem_response(
@@ -251,34 +395,40 @@ def guard_view(
                 "checked right now; retry later with the same key.",
                 retry_after=retry_after,
             )
-        if existing is not None:
-            record = parse_record(existing, key=key)
-            if record.fingerprint != fingerprint:
-                return problem_response(
-                    422,
-                    "idempotency-key-reused",
-                    "Idempotency-Key is already used",
-                    "This Idempotency-Key was used with a different request (method, path, "
-                    "query, body or client); use a new key for a new request.",
-                )
-            if not record.done:
-                return problem_response(
-                    409,
-                    "idempotency-request-in-progress",
-                    "A request with this Idempotency-Key is in progress",
-                    f"The first request with this key is still being processed; retry after "
-                    f"{retry_after} s with the same key to get its response.",
-                    retry_after=retry_after,
-                )
-            if record.codec != _HTTP_CODEC:
-                raise IdempotencyError(
-                    f"idempotency key {key!r} holds a {record.codec!r} record, not a response",
-                    key=key,
-                )
+        if existing is None:
+            return _run_view(view, args, kwargs, guard_store, skey, claim, fingerprint)
+        # A replay's fast path: the record this request would have stored, header and all.
+        header = done_record(fingerprint, _HTTP_CODEC, b"")
+        if existing.startswith(header):
+            response = _replay_response(existing[len(header) :], _HTTP_CODEC, key)
             if ctx is not None:
                 ctx.idempotent_replay = True
-            return _replay_response(record)
-        return _run_view(view, args, kwargs, guard_store, skey, claim, fingerprint)
+            return response
+        return _answer_holder(parse_record(existing, key=key), fingerprint, key, ctx)
+
+    def _answer_holder(record: Record, fingerprint: bytes, key: str, ctx: Any) -> Response:
+        """The answer to a request whose key is held by another request's record."""
+        if record.fingerprint != fingerprint:
+            return problem_response(
+                422,
+                "idempotency-key-reused",
+                "Idempotency-Key is already used",
+                "This Idempotency-Key was used with a different request (method, path, "
+                "query, body or client); use a new key for a new request.",
+            )
+        if not record.done:
+            return problem_response(
+                409,
+                "idempotency-request-in-progress",
+                "A request with this Idempotency-Key is in progress",
+                f"The first request with this key is still being processed; retry after "
+                f"{retry_after} s with the same key to get its response.",
+                retry_after=retry_after,
+            )
+        response = _replay_response(record.payload, cast(str, record.codec), key)
+        if ctx is not None:
+            ctx.idempotent_replay = True
+        return response
 
     def _run_view(
         view: Callable[..., Any],
@@ -292,21 +442,24 @@ def guard_view(
         flight = _register_view_claim(guard_store, skey, claim, in_flight_ttl, clock)
         try:
             try:
-                response = current_app.make_response(view(*args, **kwargs))
+                app: Flask = _current(current_app)
+                returned = view(*args, **kwargs)
+                # What Flask's make_response does with a response object: nothing.
+                response: Response
+                if isinstance(returned, app.response_class):
+                    response = returned
+                else:
+                    response = app.make_response(returned)
             except BaseException:
                 _release_quietly(guard_store, skey, claim)
                 raise
-            body = (
-                None
-                if response.status_code >= 500
-                else _storable_body(response, config.max_body_bytes)
-            )
+            body = None if response.status_code >= 500 else _storable_body(response, max_body_bytes)
             if body is None:
                 _release_quietly(guard_store, skey, claim)
                 return response
-            record = done_record(fingerprint, _HTTP_CODEC, _encode_response(response, body))
+            record = _response_record(fingerprint, response, body)
             try:
-                if not complete(guard_store, skey, claim, record, config.ttl):
+                if not complete(guard_store, skey, claim, record, ttl):
                     _log.warning(
                         "idempotency claim %r expired before its view finished; response "
                         "not stored",

@@ -16,8 +16,10 @@ Data flow of one guarded call (both modes)::
     if existing is None:                            # we own the key
         result = fn(...)                            # a keeper thread refreshes the claim's TTL
         complete(store, key, claim, done_record)    # compare-and-set: only over OUR claim
+    elif existing.startswith(done_header):          # the record this call would store
+        replay existing[len(done_header):]
     else:
-        replay / wait / 409 / 422 from parse_record(existing)
+        wait / 409 / 422 from parse_record(existing)
 
 Record format (``bytes``; version 1), one ASCII header line then an optional payload::
 
@@ -28,12 +30,19 @@ Record format (``bytes``; version 1), one ASCII header line then an optional pay
 releasing a claim is a compare-and-set on the exact claim bytes: a worker whose claim
 expired can never overwrite the record of the worker that claimed the key after it.
 ``fingerprint`` is a hex digest of what the request carried (``-`` when none is checked);
-``codec`` names the serializer of a function result (``json``, ``pickle``) or ``http`` for
-a stored HTTP response. A reader that meets another version raises
+``codec`` names the serializer of a function result (``json``, ``pickle``) or ``http.v2``
+for a stored HTTP response (a length-framed head, then the body; ``http``, the JSON head
+line of earlier releases, is still read). A reader that meets another version raises
 :class:`~ai_guard.errors.IdempotencyError` rather than guessing.
 
-Stores: the claim is ``Store.add`` (``SET NX PX``) on the memory store, and one Lua script
-(claim-or-read, one round trip) on Redis and any other store.
+A replay compares the stored bytes with the header its own call would have written
+(``done_record(fingerprint, codec, b"")``): one prefix comparison covers the format, the
+state, the fingerprint and the codec, and the rest is the payload. Anything else (a claim,
+another fingerprint or codec) is parsed to find out which answer it gets.
+
+Stores: the claim is ``MemoryStore.add_or_get`` (claim or read, one locked operation) on
+the memory store, and one Lua script (claim-or-read, one round trip) on Redis and any
+other store.
 """
 
 from __future__ import annotations
@@ -91,6 +100,7 @@ __all__ = [
     "generate_idempotency_key",
     "idempotent",
     "lookup",
+    "lookup_payload",
     "new_claim",
     "parse_idempotency_key",
     "parse_record",
@@ -396,7 +406,7 @@ def _resolve_serializer(serializer: str | Serializer) -> Serializer:
         isinstance(serializer, Serializer)
         and isinstance(serializer.name, str)
         and _SERIALIZER_NAME.fullmatch(serializer.name)
-        and serializer.name != _HTTP_CODEC
+        and serializer.name not in (_HTTP_CODEC, _HTTP_JSON_CODEC)
     ):
         return serializer
     raise ConfigError(
@@ -412,27 +422,26 @@ _MAGIC = b"AIG1"
 _CLAIM_PREFIX = b"AIG1 P "
 _DONE_PREFIX = b"AIG1 D "
 _NO_FINGERPRINT = b"-"
-_HTTP_CODEC = "http"
+# Stored HTTP responses: "http.v2" is written (a length-framed head, then the body; see
+# ai_guard._idempotency_flask); "http" (a JSON head line) is what releases before it
+# wrote, still read.
+_HTTP_CODEC = "http.v2"
+_HTTP_JSON_CODEC = "http"
 
 
-class _ClaimTokens:
-    """Unique claim tokens: a random per-process nonce and a counter. Regenerated in a
-    forked child, so two gunicorn workers never share a token."""
-
-    __slots__ = ("counter", "prefix")
-
-    def __init__(self) -> None:
-        self.prefix = _CLAIM_PREFIX + secrets.token_hex(8).encode("ascii")
-        self.counter = itertools.count(1)
+def _claim_tokens() -> tuple[bytes, Callable[[], int]]:
+    """This process's claim tokens: a random nonce and a counter. Made again in a forked
+    child, so two gunicorn workers never share a token."""
+    return _CLAIM_PREFIX + secrets.token_hex(8).encode("ascii"), itertools.count(1).__next__
 
 
-_TOKENS = _ClaimTokens()
+_CLAIM_HEAD, _next_token = _claim_tokens()
 
 
 def new_claim(fingerprint: bytes = _NO_FINGERPRINT) -> bytes:
     """A new claim record, unique to this call: ``AIG1 P <token> <fingerprint>\\n``."""
     # itertools.count's next() is atomic under the GIL: no lock for a unique token.
-    return b"%s%x %s\n" % (_TOKENS.prefix, next(_TOKENS.counter), fingerprint)
+    return b"%s%x %s\n" % (_CLAIM_HEAD, _next_token(), fingerprint)
 
 
 class Record:
@@ -457,7 +466,12 @@ class Record:
         return f"Record({state}, fingerprint={self.fingerprint!r}, codec={self.codec!r})"
 
 
-_CODEC_NAMES: dict[bytes, str] = {b"json": "json", b"pickle": "pickle", b"http": "http"}
+_CODEC_NAMES: dict[bytes, str] = {
+    b"json": "json",
+    b"pickle": "pickle",
+    b"http": _HTTP_JSON_CODEC,
+    b"http.v2": _HTTP_CODEC,
+}
 
 
 def parse_record(raw: bytes, *, key: str | None = None) -> Record:
@@ -465,14 +479,14 @@ def parse_record(raw: bytes, *, key: str | None = None) -> Record:
     :class:`~ai_guard.errors.IdempotencyError`."""
     head, newline, payload = raw.partition(b"\n")
     parts = head.split(b" ")
-    if newline and len(parts) == 4 and parts[0] == _MAGIC:
-        state = parts[1]
-        if state == b"D":
-            codec = parts[3]
-            name = _CODEC_NAMES.get(codec) or codec.decode("ascii", "replace")
-            return Record(raw, True, parts[2], name, payload)
-        if state == b"P" and not payload:
-            return Record(raw, False, parts[3], None, b"")
+    if newline and len(parts) == 4:
+        magic, state, first, second = parts
+        if magic == _MAGIC:
+            if state == b"D":
+                codec = _CODEC_NAMES.get(second) or second.decode("ascii", "replace")
+                return Record(raw, True, first, codec, payload)
+            if state == b"P" and not payload:
+                return Record(raw, False, second, None, b"")
     raise IdempotencyError(
         f"the stored idempotency record is not in a format this version reads: {raw[:40]!r}",
         key=key,
@@ -512,14 +526,8 @@ def try_claim(store: Store, key: str, claim: bytes, ttl: float) -> bytes | None:
     another caller, or a completed record).
     """
     if type(store) is MemoryStore:
-        # In-process: two cheap locked operations beat a script; the loop covers a record
-        # expiring between them.
-        while True:
-            if store.add(key, claim, ttl):
-                return None
-            current = store.get(key)
-            if current is not None:
-                return current
+        # In-process: one locked operation claims the key or reads what holds it.
+        return store.add_or_get(key, claim, ttl)
     # Elsewhere (Redis): one round trip, claim or read.
     return store.run(CLAIM_OR_READ, [key], [claim, max(1, int(ttl * 1000))])
 
@@ -539,6 +547,19 @@ def lookup(store: Store, key: str) -> Record | None:
     """The record stored under ``key``, or ``None``."""
     raw = store.get(key)
     return None if raw is None else parse_record(raw, key=key)
+
+
+def lookup_payload(store: Store, key: str, header: bytes) -> bytes | None:
+    """The payload stored under ``key`` when its record is the completed one with
+    ``header`` (``done_record(fingerprint, codec, b"")``: the same fingerprint and codec),
+    else ``None`` (missing, in flight, another fingerprint or codec, another format:
+    :func:`lookup` tells which).
+
+    What a replay reads: one prefix comparison instead of parsing the record."""
+    raw = store.get(key)
+    if raw is not None and raw.startswith(header):
+        return raw[len(header) :]
+    return None
 
 
 def _release_quietly(store: Store, key: str, claim: bytes) -> None:
@@ -689,8 +710,8 @@ _KEEPER = _ClaimKeeper()
 def _after_fork_in_child() -> None:
     # The child has none of the parent's threads: its flights are not running here, its
     # keeper thread does not exist, and a lock held at fork time would never be released.
-    global _TOKENS, _FLIGHTS, _KEEPER
-    _TOKENS = _ClaimTokens()
+    global _CLAIM_HEAD, _next_token, _FLIGHTS, _KEEPER
+    _CLAIM_HEAD, _next_token = _claim_tokens()
     _FLIGHTS = _Flights()
     _KEEPER = _ClaimKeeper()
 
@@ -995,11 +1016,12 @@ class _FunctionGuard:
                 # Another thread of this process runs (or awaits) this key: wait for it
                 # without polling the store, then read what it left.
                 deadline = self._wait_local(leader, deadline, call_key)
-                raw = store.get(skey)
-                if raw is not None:
-                    record = parse_record(raw, key=call_key)
-                    if record.done:
-                        return self._replay(record, fingerprint, call_key, ctx)
+                payload = lookup_payload(store, skey, self._done_header(fingerprint))
+                if payload is not None:
+                    return self._load(payload, call_key, ctx)
+                record = lookup(store, skey)
+                if record is not None and record.done:
+                    return self._replay(record, fingerprint, call_key, ctx)
                 continue
             claim = new_claim(fingerprint)
             try:
@@ -1014,6 +1036,11 @@ class _FunctionGuard:
                 return self._run_owned(store, skey, claim, flight, fingerprint, args, kwargs)
             finished = True  # unless we go round again, this process stops leading the key
             try:
+                # A replay's fast path: the record this call would have stored, header and
+                # all (same fingerprint, same serializer); anything else is parsed.
+                header = self._done_header(fingerprint)
+                if existing.startswith(header):
+                    return self._load(existing[len(header) :], call_key, ctx)
                 record = parse_record(existing, key=call_key)
                 if record.done:
                     return self._replay(record, fingerprint, call_key, ctx)
@@ -1093,6 +1120,12 @@ class _FunctionGuard:
             raise self._timeout(call_key)
         return deadline
 
+    def _done_header(self, fingerprint: bytes) -> bytes:
+        """The header of the record a call with ``fingerprint`` stores."""
+        if fingerprint is _NO_FINGERPRINT:
+            return self.done_header
+        return done_record(fingerprint, self.serializer.name, b"")
+
     def _replay(self, record: Record, fingerprint: bytes, call_key: str, ctx: Any) -> Any:
         if record.fingerprint != fingerprint:
             raise self._mismatch(call_key)
@@ -1102,8 +1135,12 @@ class _FunctionGuard:
                 f"{record.codec!r} serializer, not {self.serializer.name!r}",
                 key=call_key,
             )
+        return self._load(record.payload, call_key, ctx)
+
+    def _load(self, payload: bytes, call_key: str, ctx: Any) -> Any:
+        """The stored result, deserialized; the call context marked as a replay."""
         try:
-            result = self.serializer.loads(record.payload)
+            result = self.serializer.loads(payload)
         except Exception as exc:
             raise IdempotencyError(
                 f"the result stored for idempotency key {call_key!r} cannot be read: {exc}",

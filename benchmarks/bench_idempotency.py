@@ -1,11 +1,14 @@
 """Idempotency on the memory store, beside the do-it-yourself baseline.
 
-Group ``idempotency``: one new key's claim + completion + the lookup a replay does, with
-the functions ``@idempotent`` itself calls (``new_claim``, ``try_claim``, ``complete``,
-``lookup``), against a ``cachetools.TTLCache`` set + get under a ``threading.Lock`` (what
-a user writes by hand, without claims, expiry per key or exactly-once). Target: at most
-half its cost. Both stores are bounded at 100,000 keys, so the runs measure the steady
-state with eviction.
+Group ``idempotency``: one new key's claim + completion + the read a replay does, with the
+functions ``@idempotent`` itself calls (``new_claim``, ``try_claim``, ``complete``,
+``lookup_payload``: the stored result when its record is the completed one with this
+call's fingerprint and serializer), against a ``cachetools.TTLCache`` set + get under a
+``threading.Lock`` (what a user writes by hand, without claims, expiry per key or
+exactly-once). Target: at most half its cost. Both stores are bounded at 100,000 keys and
+filled to that bound before they are measured, so every round measures the steady state
+with eviction. ``claim+complete+lookup`` is the same with ``lookup`` (the record parsed
+into a :class:`~ai_guard.idempotency.Record`) as the last step: reported, no target.
 
 Group ``idempotency-decorated``: the whole ``@idempotent(key=...)`` call on a new key
 (claim, run, serialize, complete) and on a replayed key (claim attempt, read,
@@ -25,6 +28,7 @@ from ai_guard.idempotency import (
     done_record,
     idempotent,
     lookup,
+    lookup_payload,
     new_claim,
     try_claim,
 )
@@ -33,12 +37,25 @@ from benchmarks._harness import Case
 
 MAXSIZE = 100_000
 RESULT = {"order": 42, "status": "created"}
+PAYLOAD = b'{"order":42,"status":"created"}'
+
+
+def _check_bounded(size: int) -> None:
+    """The store holds exactly its bound: full, and not a key more."""
+    if size != MAXSIZE:
+        raise AssertionError(f"{size} keys stored, the bound is {MAXSIZE}")
 
 
 def cases() -> list[Case]:
     keys = itertools.count()
+    header = done_record(b"-", "json", b"")
+    record = header + PAYLOAD
     store = MemoryStore(maxsize=MAXSIZE)
-    record = done_record(b"-", "json", b'{"order":42,"status":"created"}')
+    parsed_store = MemoryStore(maxsize=MAXSIZE)
+
+    def fill(target: MemoryStore) -> None:
+        for _ in range(MAXSIZE):
+            target.set(f"fill{next(keys)}", record)
 
     def bare() -> str:
         return f"k{next(keys)}"
@@ -48,10 +65,32 @@ def cases() -> list[Case]:
         claim = new_claim()
         try_claim(store, key, claim, 60.0)
         complete(store, key, claim, record, 86400.0)
-        lookup(store, key)
+        lookup_payload(store, key, header)
+
+    def ours_parsed() -> None:
+        key = f"k{next(keys)}"
+        claim = new_claim()
+        try_claim(parsed_store, key, claim, 60.0)
+        complete(parsed_store, key, claim, record, 86400.0)
+        lookup(parsed_store, key)
+
+    def check_ours(calls: int) -> None:
+        _check_bounded(len(store))
+        key = f"k{next(keys)}"
+        claim = new_claim()
+        if try_claim(store, key, claim, 60.0) is not None:
+            raise AssertionError("a new key was not claimed")
+        if not complete(store, key, claim, record, 86400.0):
+            raise AssertionError("our own claim was not completed")
+        if lookup_payload(store, key, header) != PAYLOAD:
+            raise AssertionError("the stored result was not read back")
 
     cache: TTLCache[str, bytes] = TTLCache(maxsize=MAXSIZE, ttl=86400)
     lock = threading.Lock()
+
+    def fill_cache() -> None:
+        for _ in range(MAXSIZE):
+            cache[f"fill{next(keys)}"] = record
 
     def ttlcache_set_get() -> None:
         key = f"k{next(keys)}"
@@ -80,8 +119,30 @@ def cases() -> list[Case]:
 
     return [
         Case("idempotency", "bare", bare),
-        Case("idempotency", "claim+complete+lookup", ours, anchor="ttlcache_set_get", target=0.5),
-        Case("idempotency", "ttlcache_set_get", ttlcache_set_get),
+        Case(
+            "idempotency",
+            "claim+complete+replay read",
+            ours,
+            anchor="ttlcache_set_get",
+            target=0.5,
+            setup=lambda: fill(store),
+            check=check_ours,
+        ),
+        Case(
+            "idempotency",
+            "claim+complete+lookup",
+            ours_parsed,
+            anchor="ttlcache_set_get",
+            setup=lambda: fill(parsed_store),
+            check=lambda calls: _check_bounded(len(parsed_store)),
+        ),
+        Case(
+            "idempotency",
+            "ttlcache_set_get",
+            ttlcache_set_get,
+            setup=fill_cache,
+            check=lambda calls: _check_bounded(len(cache)),
+        ),
         Case("idempotency-decorated", "bare", bare_call),
         Case("idempotency-decorated", "new_key", new_key),
         Case("idempotency-decorated", "replayed_key", replayed_key),

@@ -39,6 +39,7 @@ from ai_guard.idempotency import (
     generate_idempotency_key,
     idempotent,
     lookup,
+    lookup_payload,
     new_claim,
     parse_idempotency_key,
     parse_record,
@@ -240,6 +241,52 @@ def test_completion_overwrites_only_our_own_claim(store: Store) -> None:
     assert record is not None
     assert record.done
     assert record.payload == b"2"
+
+
+def test_lookup_payload_reads_only_the_completed_record_with_that_header(store: Store) -> None:
+    header = done_record(b"fp1", "json", b"")
+    assert lookup_payload(store, "k", header) is None  # missing
+    claim = new_claim(b"fp1")
+    assert try_claim(store, "k", claim, 30) is None
+    assert lookup_payload(store, "k", header) is None  # in flight
+    assert complete(store, "k", claim, done_record(b"fp1", "json", b'{"a":1}\n2'), 60)
+    assert lookup_payload(store, "k", header) == b'{"a":1}\n2'
+    assert lookup_payload(store, "k", done_record(b"fp2", "json", b"")) is None
+    assert lookup_payload(store, "k", done_record(b"fp1", "pickle", b"")) is None
+    assert lookup_payload(store, "k", done_record(b"fp", "json", b"")) is None  # a prefix of fp1
+
+
+def test_a_waiter_replays_a_result_stored_with_its_fingerprint() -> None:
+    runs = Counter()
+    started = threading.Event()
+    release_first = threading.Event()
+
+    @idempotent(MemoryStore(), key=lambda k, amount: k, fingerprint=lambda k, amount: str(amount))
+    def charge(k: str, amount: int) -> dict[str, int]:
+        runs.bump()
+        started.set()
+        release_first.wait(5)
+        return {"amount": amount}
+
+    results: list[Any] = []
+    first = threading.Thread(target=lambda: results.append(charge("k", 5)))
+    first.start()
+    started.wait(5)
+    second = threading.Thread(target=lambda: results.append(charge("k", 5)))
+    second.start()
+    (flight,) = [f for f in idempotency._FLIGHTS.by_key.values() if "waiter_replays" in f.skey]
+    for _ in range(500):  # until the second caller waits on the first's flight
+        if flight.event is not None:
+            break
+        threading.Event().wait(0.01)
+    assert flight.event is not None
+    release_first.set()
+    first.join(5)
+    second.join(5)
+    assert results == [{"amount": 5}, {"amount": 5}]
+    assert runs.n == 1
+    with pytest.raises(IdempotencyMismatchError):
+        charge("k", 6)
 
 
 def test_released_claim_frees_the_key(store: Store) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
@@ -11,7 +12,14 @@ import pytest
 from flask import Flask, Response, abort, g, jsonify, request
 from flask.testing import FlaskClient
 
-from ai_guard.idempotency import default_store, generate_idempotency_key, idempotent
+from ai_guard.errors import IdempotencyError
+from ai_guard.idempotency import (
+    default_store,
+    done_record,
+    generate_idempotency_key,
+    idempotent,
+    parse_record,
+)
 from ai_guard.stores import MemoryStore, RedisStore, Store
 from ai_guard.testing import FakeClock
 from tests.conftest import free_port
@@ -370,6 +378,102 @@ def test_stored_response_expires_after_ttl() -> None:
     clock.advance(2)
     assert "Idempotent-Replayed" not in post(client, "k").headers
     assert orders.n == 2
+
+
+def _stored_record(store: MemoryStore) -> tuple[str, bytes]:
+    (key,) = [k for k in store._data if k.startswith("idem:v:")]
+    record = store.get(key)
+    assert record is not None
+    return key, record
+
+
+def test_stored_response_is_a_length_framed_http_v2_record() -> None:
+    store = MemoryStore()
+    app = Flask(__name__)
+
+    @app.post("/x")
+    @idempotent(store)
+    def view() -> Response:
+        response = Response(b"line 1\nline 2\n\x00\xff", status=202, mimetype="text/plain")
+        response.headers["X-Empty"] = ""
+        response.headers["X-Unicode"] = "caf\u00e9"
+        return response
+
+    client = app.test_client()
+    headers = {"Idempotency-Key": "k"}
+    first = client.post("/x", headers=headers)
+    _, record = _stored_record(store)
+    parsed = parse_record(record)
+    assert parsed.done
+    assert parsed.codec == "http.v2"
+    head_length, _, rest = parsed.payload.partition(b"\n")
+    head = rest[: int(head_length)].decode("utf-8")
+    assert head.split("\n")[0] == "202 ACCEPTED"
+    assert rest[int(head_length) :] == b"line 1\nline 2\n\x00\xff"
+
+    replay = client.post("/x", headers=headers)
+    assert replay.headers["Idempotent-Replayed"] == "true"
+    assert (replay.status_code, replay.data) == (202, first.data)
+    assert replay.headers["X-Empty"] == ""
+    assert replay.headers["X-Unicode"] == first.headers["X-Unicode"]
+
+
+def test_response_records_of_earlier_releases_are_still_replayed() -> None:
+    store = MemoryStore()
+    app, orders = make_app(store)
+    client = app.test_client()
+    first = post(client, "k")
+    key, record = _stored_record(store)
+    # Rewrite the record as releases before http.v2 wrote it: a JSON head line, the body.
+    parsed = parse_record(record)
+    head_length, _, rest = parsed.payload.partition(b"\n")
+    status, *fields = rest[: int(head_length)].decode("utf-8").split("\n")
+    meta = {
+        "status": status,
+        "headers": [list(p) for p in zip(fields[::2], fields[1::2], strict=True)],
+    }
+    legacy = json.dumps(meta).encode() + b"\n" + rest[int(head_length) :]
+    store.set(key, done_record(parsed.fingerprint, "http", legacy))
+
+    replay = post(client, "k")
+    assert replay.headers["Idempotent-Replayed"] == "true"
+    assert (replay.status_code, replay.data) == (201, first.data)
+    assert replay.headers["Location"] == "/orders/1"
+    assert orders.n == 1
+
+
+def test_header_with_a_line_break_is_stored_in_the_json_form() -> None:
+    store = MemoryStore()
+    app = Flask(__name__)
+    app.testing = True
+
+    @app.post("/x")
+    @idempotent(store)
+    def view() -> Response:
+        response = Response("ok")
+        response.headers["X-Odd\nName"] = "v"  # Werkzeug refuses this in values, not names
+        return response
+
+    client = app.test_client()
+    client.post("/x", headers={"Idempotency-Key": "k"})
+    _, record = _stored_record(store)
+    assert parse_record(record).codec == "http"
+    replay = client.post("/x", headers={"Idempotency-Key": "k"})
+    assert replay.headers["Idempotent-Replayed"] == "true"
+    assert replay.headers["X-Odd\nName"] == "v"
+
+
+@pytest.mark.parametrize("payload", [b"", b"x\n200 OK", b"99\n200 OK", b"-1\n", b"8\n200 OK\nX"])
+def test_unreadable_stored_response_is_an_idempotency_error(payload: bytes) -> None:
+    store = MemoryStore()
+    app, orders = make_app(store)
+    client = app.test_client()
+    post(client, "k")
+    key, record = _stored_record(store)
+    store.set(key, done_record(parse_record(record).fingerprint, "http.v2", payload))
+    with pytest.raises(IdempotencyError, match="cannot be read"):
+        post(client, "k")
+    assert orders.n == 1
 
 
 # -- scope: one client never receives another's response ---------------------------------

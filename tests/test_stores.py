@@ -378,3 +378,49 @@ def test_store_options_in_a_redis_url_configure_the_store_not_the_connection(
     finally:
         store.clear()
         store.close()
+
+
+def test_memory_add_or_get_claims_a_free_key_or_returns_its_holder() -> None:
+    clock = FakeClock()
+    store = MemoryStore(clock=clock)
+    assert store.add_or_get("claim", b"me", ttl=30) is None
+    assert store.add_or_get("claim", b"you", ttl=30) == b"me"
+    assert store.get("claim") == b"me"
+    clock.advance(30)  # expired: the key is free again
+    assert store.add_or_get("claim", b"you", ttl=30) is None
+    assert store.get("claim") == b"you"
+    assert store.ttl("claim") == pytest.approx(30)
+
+
+def test_memory_add_or_get_stays_bounded_and_keeps_the_newest() -> None:
+    store = MemoryStore(maxsize=3)
+    for key in ("a", "b", "c", "d"):
+        assert store.add_or_get(key, b"v", ttl=30) is None
+    assert len(store) == 3
+    assert store.get("a") is None
+    assert store.add_or_get("d", b"w", ttl=30) == b"v"
+
+
+def test_memory_compare_and_set_over_an_expired_key() -> None:
+    clock = FakeClock()
+    store = MemoryStore(maxsize=2, clock=clock)
+    store.set("old", b"v", ttl=1)
+    store.set("other", b"v", ttl=100)
+    clock.advance(2)
+    assert store.compare_and_set("old", b"v", b"w") is False  # expired: not "v" any more
+    assert store.compare_and_set("old", None, b"w") is True  # expired counts as missing
+    assert store.get("old") == b"w"
+    assert len(store) == 2
+    store.set("new", b"v")  # "old" was rewritten after "other": "other" goes first
+    assert store.get("other") is None
+    assert store.get("old") == b"w"
+
+
+def test_memory_compare_and_set_makes_the_key_young_again() -> None:
+    store = MemoryStore(maxsize=3)
+    for key in ("a", "b", "c"):
+        store.set(key, b"v")
+    assert store.compare_and_set("a", b"v", b"v2") is True  # "b" is now the oldest write
+    store.set("d", b"v")
+    assert store.get("b") is None
+    assert [store.get(k) for k in ("a", "c", "d")] == [b"v2", b"v", b"v"]

@@ -299,41 +299,43 @@ class SinkBindingMiddleware:
         self.sinks = sinks
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
-        with bind_sinks(*self.sinks):
+        # One binding per request, entered again around each step of the body: set and
+        # reset still pair up within one frame each time.
+        binding = bind_sinks(*self.sinks)
+        with binding:
             body = self.wsgi_app(environ, start_response)
         file_wrapper = environ.get("wsgi.file_wrapper")
         if isinstance(file_wrapper, type) and isinstance(body, file_wrapper):
             return body
-        return _BoundBody(body, self.sinks)
+        return _BoundBody(body, binding)
 
 
 class _BoundBody:
     """A response body whose iteration and ``close()`` run with the sinks bound."""
 
-    __slots__ = ("_body", "_iterator", "_sinks")
+    __slots__ = ("_binding", "_body", "_iterator")
 
-    def __init__(self, body: Iterable[bytes], sinks: tuple[Sink, ...]) -> None:
+    def __init__(self, body: Iterable[bytes], binding: bind_sinks) -> None:
         self._body = body
         self._iterator: Iterator[bytes] | None = None
-        self._sinks = sinks
+        self._binding = binding
 
     def __iter__(self) -> _BoundBody:
         return self
 
     def __next__(self) -> bytes:
-        with bind_sinks(*self._sinks):
-            try:
-                if self._iterator is None:
-                    self._iterator = iter(self._body)
-                return next(self._iterator)
-            except StopIteration:
-                pass
+        with self._binding:
+            iterator = self._iterator
+            if iterator is None:
+                iterator = self._iterator = iter(self._body)
+            for chunk in iterator:  # one step (a for loop ends without raising)
+                return chunk
         raise StopIteration
 
     def close(self) -> None:
         close = getattr(self._body, "close", None)
         if close is not None:
-            with bind_sinks(*self._sinks):
+            with self._binding:
                 close()
 
 
@@ -680,7 +682,12 @@ class AIGuard:
 
             @functools.wraps(view)
             def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
-                built = current_state().guarded_view(marker, view, options)
+                state = current_app.extensions.get(EXTENSION_KEY)
+                if not isinstance(state, AIGuardState):
+                    state = current_state()  # raises, naming the app
+                built = state._guarded_views.get(marker)  # built once per app, then reused
+                if built is None:
+                    built = state.guarded_view(marker, view, options)
                 return cast(R, built(*args, **kwargs))
 
             return guarded

@@ -68,6 +68,8 @@ class MemoryStore(Store):
         self._now = clock.monotonic
         self._data: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
         self._lock = threading.Lock()
+        self._acquire = self._lock.acquire
+        self._release = self._lock.release
         self._ops = _LockedOps(self)
 
     # -- primitives, called with the lock held -------------------------------------------
@@ -90,7 +92,7 @@ class MemoryStore(Store):
         if existed:
             data.move_to_end(key)
         elif len(data) > self.maxsize:
-            data.popitem(last=False)
+            data.popitem(False)
 
     def _delete(self, key: str) -> bool:
         item = self._data.pop(key, None)
@@ -107,9 +109,14 @@ class MemoryStore(Store):
         return remaining
 
     # -- the Store interface --------------------------------------------------------------
+    # The hot operations take the lock with acquire()/release() rather than ``with`` (one
+    # call less each) and evict with popitem(False) rather than popitem(last=False) (a
+    # keyword argument takes CPython's slow argument parsing): each is measurable when a
+    # whole operation costs a few hundred ns.
 
     def get(self, key: str) -> bytes | None:
-        with self._lock:
+        self._acquire()
+        try:
             item = self._data.get(key)
             if item is None:
                 return None
@@ -117,13 +124,17 @@ class MemoryStore(Store):
                 del self._data[key]
                 return None
             return item[0]
+        finally:
+            self._release()
 
     def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
         with self._lock:
             self._set(key, value, ttl)
 
     def add(self, key: str, value: bytes, ttl: float | None = None) -> bool:
-        with self._lock:
+        expires_in = self.default_ttl if ttl is None else ttl
+        self._acquire()
+        try:
             data = self._data
             now = self._now()
             item = data.get(key)
@@ -131,10 +142,34 @@ class MemoryStore(Store):
                 if item[1] > now:
                     return False
                 del data[key]  # expired: the key is free, and goes to the young end
-            data[key] = (value, now + (self.default_ttl if ttl is None else ttl))
+            data[key] = (value, now + expires_in)
             if len(data) > self.maxsize:
-                data.popitem(last=False)
+                data.popitem(False)
             return True
+        finally:
+            self._release()
+
+    def add_or_get(self, key: str, value: bytes, ttl: float | None = None) -> bytes | None:
+        """Store ``value`` only when ``key`` does not exist, atomically, and return
+        ``None``; when it exists, store nothing and return its current value (Redis
+        ``SET NX GET``). The idempotency guard's claim: one locked operation claims a key
+        or reads what holds it."""
+        expires_in = self.default_ttl if ttl is None else ttl
+        self._acquire()
+        try:
+            data = self._data
+            now = self._now()
+            item = data.get(key)
+            if item is not None:
+                if item[1] > now:
+                    return item[0]
+                del data[key]  # expired: the key is free, and goes to the young end
+            data[key] = (value, now + expires_in)
+            if len(data) > self.maxsize:
+                data.popitem(False)
+            return None
+        finally:
+            self._release()
 
     def delete(self, key: str) -> bool:
         with self._lock:
@@ -143,19 +178,28 @@ class MemoryStore(Store):
     def compare_and_set(
         self, key: str, expected: bytes | None, value: bytes, ttl: float | None = None
     ) -> bool:
-        with self._lock:
+        expires_in = self.default_ttl if ttl is None else ttl
+        self._acquire()
+        try:
             data = self._data
             now = self._now()
             item = data.get(key)
-            current = None if item is None or item[1] <= now else item[0]
-            if current != expected:
+            if item is not None and item[1] > now:
+                if item[0] != expected:
+                    return False
+                data[key] = (value, now + expires_in)
+                data.move_to_end(key)  # a write makes the key young again
+                return True
+            if expected is not None:
                 return False
-            data[key] = (value, now + (self.default_ttl if ttl is None else ttl))
             if item is not None:
-                data.move_to_end(key)
-            elif len(data) > self.maxsize:
-                data.popitem(last=False)
+                del data[key]  # expired: replaced, at the young end
+            data[key] = (value, now + expires_in)
+            if len(data) > self.maxsize:
+                data.popitem(False)
             return True
+        finally:
+            self._release()
 
     def compare_and_delete(self, key: str, expected: bytes) -> bool:
         with self._lock:
