@@ -91,9 +91,9 @@ class CallContext:
     error_type: str | None = None
     #: The model catalogue that prices this call (the router's, or the default one).
     catalog: Mapping[str, ModelSpec] | None = None
-    # correlation, set by @traced_ai when a span is recording
-    trace_id: str | None = None
-    span_id: str | None = None
+    #: The OpenTelemetry span ``@traced_ai`` opened for this call (the innermost one when
+    #: several are nested), for the trace and span ids of the log line.
+    span: Any = None
     #: Set once the owner has emitted the context to the sinks.
     closed: bool = False
 
@@ -101,6 +101,20 @@ class CallContext:
         self.started_at = started_at
 
     # -- derived -------------------------------------------------------------------------
+
+    # The ids are formatted when read, not when the span starts: only a sink that wants
+    # them (the log line, with INFO on) pays for the formatting.
+    @property
+    def trace_id(self) -> str | None:
+        """The trace id of the call's span (32 hex digits); ``None`` without a valid span."""
+        span_context = _valid_span_context(self.span)
+        return None if span_context is None else format(span_context.trace_id, "032x")
+
+    @property
+    def span_id(self) -> str | None:
+        """The span id of the call's span (16 hex digits); ``None`` without a valid span."""
+        span_context = _valid_span_context(self.span)
+        return None if span_context is None else format(span_context.span_id, "016x")
 
     @property
     def model(self) -> str | None:
@@ -201,7 +215,12 @@ class CallContext:
         an inner guard may read it before the owner of the context has the final usage."""
         if self.cost_usd is not None or not self.usage_known:
             return self.cost_usd
-        spec = self.model_spec()
+        # self.model_spec(), inlined: this runs once per AI call.
+        request_model = self.request_model
+        model = self.response_model or request_model
+        spec = find_model(model, self.catalog)
+        if spec is None and model != request_model:
+            spec = find_model(request_model, self.catalog)
         if spec is None:
             return None
         inputs, cached = self.input_tokens, self.cached_tokens
@@ -220,6 +239,13 @@ class CallContext:
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"CallContext({fields})"
+
+
+def _valid_span_context(span: Any) -> Any:
+    if span is None:
+        return None
+    span_context = span.get_span_context()
+    return span_context if span_context.is_valid else None
 
 
 def error_type_of(exc: BaseException) -> str:

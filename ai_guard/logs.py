@@ -60,6 +60,16 @@ __all__ = [
 #: The logger of the per-call records (and the parent of ai_guard's other loggers).
 logger = logging.getLogger("ai_guard")
 
+_INFO = logging.INFO
+# Logger.isEnabledFor's own per-level cache, when the logger is the standard class (a
+# class installed with logging.setLoggerClass may decide differently: then it is asked).
+_level_cache: dict[int, bool] | None = (
+    getattr(logger, "_cache", None)
+    if type(logger).isEnabledFor is logging.Logger.isEnabledFor
+    and isinstance(getattr(logger, "_cache", None), dict)
+    else None
+)
+
 #: The ``extra`` fields of a per-call record, in order.
 CALL_FIELDS: tuple[str, ...] = (
     "event",
@@ -136,7 +146,12 @@ def log_call(ctx: CallContext) -> None:
     Registered as a default sink when this module is imported; a scope that binds its own
     sinks (:func:`ai_guard.context.bind_sinks`) includes it when it wants the log line.
     """
-    if not logger.isEnabledFor(logging.INFO):
+    # logger.isEnabledFor(INFO) without its call (this runs once per AI call): the answer
+    # the logging module caches per level (cleared in place whenever a level changes).
+    enabled = _level_cache.get(_INFO) if _level_cache is not None else None
+    if enabled is None:
+        enabled = logger.isEnabledFor(_INFO)
+    if not enabled or logger.disabled:
         return
     outcome = f"error {ctx.error_type}" if ctx.error_type is not None else "ok"
     logger.info(

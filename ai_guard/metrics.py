@@ -63,8 +63,8 @@ from ai_guard import _histogram
 from ai_guard.clock import SYSTEM_CLOCK, Clock
 from ai_guard.config import GuardConfig, build_config
 from ai_guard.context import CallContext, register_default_sink, unregister_default_sink
-from ai_guard.errors import AIGuardError
-from ai_guard.pricing import ModelSpec, find_model
+from ai_guard.errors import AIGuardError, ConfigError
+from ai_guard.pricing import ModelSpec, find_model, parse_models
 from ai_guard.slo import (
     SLOConfig,
     SLOResult,
@@ -116,10 +116,13 @@ _SCALE = _histogram.MANTISSA_SCALE
 _REGULAR = _histogram.REGULAR_BUCKETS
 _OVERFLOW = _histogram.OVERFLOW
 _frexp = math.frexp
+_floor = math.floor
 
 COARSE_SLOT_SECONDS = 60.0
 BUDGET_SLOT_SECONDS = 300.0
 FINE_SPAN_SECONDS = 300.0
+#: Finest ``resolution`` a collector accepts (seconds).
+MIN_RESOLUTION_SECONDS = 1.0
 
 
 class _LiveCollectors:
@@ -150,8 +153,10 @@ class MetricValueError(AIGuardError, ValueError):
 class MetricsConfig(GuardConfig):
     """Settings of a :class:`MetricsCollector`, validated at construction."""
 
-    #: Width in seconds of the live interval and of the fine ring's slots; divides 60.
-    resolution: float = Field(default=10.0, gt=0, le=60)
+    #: Width in seconds of the live interval and of the fine ring's slots: 1 to 60, and
+    #: divides 60. At least 1 s: the fine ring holds 300 s of slots, so memory per series
+    #: grows as 1 / resolution (about 3 MB per series at 1 s; 0.01 s would take 230 MB).
+    resolution: float = Field(default=10.0, ge=MIN_RESOLUTION_SECONDS, le=60)
     #: The sliding windows (seconds) reports are asked for; the coarse ring covers the
     #: longest (at least 1 h, which the burn rates need).
     windows: tuple[float, ...] = (300.0, 3600.0)
@@ -163,7 +168,7 @@ class MetricsConfig(GuardConfig):
     def _divides_a_minute(cls, resolution: float) -> float:
         slots = COARSE_SLOT_SECONDS / resolution
         if abs(slots - round(slots)) > 1e-9:
-            raise ValueError("must divide 60 seconds (1, 2, 5, 10, 15, 20, 30 or 60)")
+            raise ValueError("must divide 60 seconds (1, 2, 3, 4, 5, 6, 10, 12, 15, 20, 30 or 60)")
         return resolution
 
     @field_validator("windows")
@@ -480,7 +485,7 @@ class MetricsCollector:
     ``catalog`` prices calls and gives their tier (default: :data:`ai_guard.pricing
     .DEFAULT_MODELS`); ``slos`` is an :class:`~ai_guard.slo.SLOConfig` or a dict of
     overrides; ``windows`` the report windows in seconds; ``resolution`` the live
-    interval in seconds (divides 60). Use it as a sink with ``record_call``.
+    interval in seconds (1 to 60, divides 60). Use it as a sink with ``record_call``.
     """
 
     def __init__(
@@ -501,10 +506,9 @@ class MetricsCollector:
             MetricsConfig, windows=window_values, resolution=resolution, max_series=max_series
         )
         self.slos = slo_config(slos)
-        if catalog is None or isinstance(catalog, Mapping):
-            self._catalog: Mapping[str, ModelSpec] | None = catalog
-        else:
-            self._catalog = {spec.name: spec for spec in catalog}
+        self._catalog = _checked_catalog(catalog)
+        if not isinstance(clock, Clock):
+            raise ConfigError("clock", clock, "must be a Clock (monotonic, time, sleep)")
         self._clock = clock
         self._monotonic = clock.monotonic
         # Guards folds, reads and the creation of series and shards; recording itself
@@ -569,6 +573,82 @@ class MetricsCollector:
             series = self._by_model[model] if tier is None else self._by_key[model, tier]
         except (KeyError, TypeError):
             series = self._series_for(model, tier)
+        if not self._count(
+            series,
+            input_tokens,
+            output_tokens,
+            cached_tokens,
+            cost_usd,
+            latency_ms,
+            error,
+            retries,
+            fallback,
+        ):
+            self.record_request(
+                model,
+                tier=tier,
+                error=error,
+                fallback=fallback,
+                **_normalized(
+                    input_tokens, output_tokens, cached_tokens, cost_usd, latency_ms, retries
+                ),
+            )
+
+    def record_call(self, ctx: CallContext) -> None:
+        """The sink form: count the call a :class:`~ai_guard.context.CallContext`
+        describes (model, tier, tokens, cost, latency, error, retries, fallback)."""
+        model = ctx.response_model or ctx.request_model or UNKNOWN_MODEL
+        tier = ctx.tier
+        if tier is None and ctx.catalog is not None:
+            spec = ctx.model_spec()
+            if spec is not None:
+                tier = spec.tier
+        try:
+            series = self._by_model[model] if tier is None else self._by_key[model, tier]
+        except (KeyError, TypeError):
+            series = self._series_for(model, tier)
+        latency = ctx.latency_ms
+        # Positional, straight to the counting: this runs once per AI call.
+        if not self._count(
+            series,
+            ctx.input_tokens,
+            ctx.output_tokens,
+            ctx.cached_tokens,
+            ctx.cost_usd,
+            0.0 if latency is None else latency,
+            ctx.error_type is not None,
+            ctx.retries,
+            ctx.fallback_from is not None,
+        ):
+            # A figure a guard left odd (an int latency, a negative count): the validating
+            # path converts it or raises MetricValueError.
+            self.record_request(
+                model,
+                tier=tier,
+                input_tokens=ctx.input_tokens,
+                output_tokens=ctx.output_tokens,
+                cached_tokens=ctx.cached_tokens,
+                cost_usd=ctx.cost_usd,
+                latency_ms=0.0 if latency is None else latency,
+                error=ctx.error_type is not None,
+                retries=ctx.retries,
+                fallback=ctx.fallback_from is not None,
+            )
+
+    def _count(
+        self,
+        series: _Series,
+        input_tokens: Any,
+        output_tokens: Any,
+        cached_tokens: Any,
+        cost_usd: Any,
+        latency_ms: Any,
+        error: Any,
+        retries: Any,
+        fallback: Any,
+    ) -> bool:
+        """Add one call to the calling thread's live interval; ``False`` (nothing
+        recorded) when a figure is not a plain in-range ``int``/``float``."""
         if not (
             type(input_tokens) is int
             and type(output_tokens) is int
@@ -581,21 +661,13 @@ class MetricsCollector:
             and 0.0 <= latency_ms < _INF
             and (cost_usd is None or (type(cost_usd) is float and 0.0 <= cost_usd < _INF))
         ):
-            self.record_request(
-                model,
-                tier=tier,
-                error=error,
-                fallback=fallback,
-                **_normalized(
-                    input_tokens, output_tokens, cached_tokens, cost_usd, latency_ms, retries
-                ),
-            )
-            return
+            return False
         # The histogram bucket, inlined from _histogram.bucket_index (a call costs more
-        # than the arithmetic).
+        # than the arithmetic); math.floor, not int(): the same for this positive value,
+        # at half the cost.
         if latency_ms >= _LOWEST:
             mantissa, exponent = _frexp(latency_ms)
-            bucket = (exponent << 6) + int(mantissa * _SCALE) - _OFFSET
+            bucket = (exponent << 6) + _floor(mantissa * _SCALE) - _OFFSET
             if bucket > _REGULAR:
                 bucket = _OVERFLOW
         else:
@@ -628,29 +700,7 @@ class MetricsCollector:
         if fell_back:
             counts[9] += 1
         shard.hists[sid][bucket] += 1
-
-    def record_call(self, ctx: CallContext) -> None:
-        """The sink form: count the call a :class:`~ai_guard.context.CallContext`
-        describes (model, tier, tokens, cost, latency, error, retries, fallback)."""
-        model = ctx.response_model or ctx.request_model or UNKNOWN_MODEL
-        tier = ctx.tier
-        if tier is None and ctx.catalog is not None:
-            spec = ctx.model_spec()
-            if spec is not None:
-                tier = spec.tier
-        latency = ctx.latency_ms
-        self.record_request(
-            model,
-            tier=tier,
-            input_tokens=ctx.input_tokens,
-            output_tokens=ctx.output_tokens,
-            cached_tokens=ctx.cached_tokens,
-            cost_usd=ctx.cost_usd,
-            latency_ms=0.0 if latency is None else latency,
-            error=ctx.error_type is not None,
-            retries=ctx.retries,
-            fallback=ctx.fallback_from is not None,
-        )
+        return True
 
     def _series_for(self, model: Any, tier: Any) -> _Series:
         """Find or create the series of (model, tier): the slow path of the first call."""
@@ -1167,6 +1217,21 @@ class MetricsCollector:
 
     def __repr__(self) -> str:
         return f"MetricsCollector(series={len(self._series)}, windows={self.windows})"
+
+
+def _checked_catalog(
+    catalog: Mapping[str, ModelSpec] | Iterable[ModelSpec] | None,
+) -> Mapping[str, ModelSpec] | None:
+    """The collector's price table: a mapping of :class:`ModelSpec` kept as given, or
+    anything :func:`~ai_guard.pricing.parse_models` reads; :class:`ConfigError` otherwise."""
+    if catalog is None:
+        return None
+    if isinstance(catalog, Mapping):
+        for name, spec in catalog.items():
+            if not isinstance(spec, ModelSpec):
+                raise ConfigError(f"catalog[{name!r}]", spec, "expected a ModelSpec")
+        return catalog
+    return {spec.name: spec for spec in parse_models(catalog, setting="catalog")}
 
 
 def _multiple(value: float, unit: float) -> bool:

@@ -196,12 +196,27 @@ class RouteRequest:
             _check_route_request(
                 task_type, complexity_score, is_critical, output_length, input_tokens
             )
-        _set = object.__setattr__  # frozen: the dataclass's own __init__ does the same
-        _set(self, "task_type", task_type)
-        _set(self, "complexity_score", complexity_score)
-        _set(self, "is_critical", is_critical)
-        _set(self, "output_length", output_length)
-        _set(self, "input_tokens", input_tokens)
+        _set_task_type(self, task_type)
+        _set_complexity_score(self, complexity_score)
+        _set_is_critical(self, is_critical)
+        _set_output_length(self, output_length)
+        _set_input_tokens(self, input_tokens)
+
+
+# Frozen: the fields cannot be assigned, so __init__ sets them through the slots' own
+# setters, bound here once (object.__setattr__, what a dataclass's own __init__ uses, looks
+# each name up again on every call, and a RouteRequest is built for every routed call).
+_slot_setters: list[Callable[[RouteRequest, Any], None]] = [
+    RouteRequest.__dict__[name].__set__
+    for name in ("task_type", "complexity_score", "is_critical", "output_length", "input_tokens")
+]
+(
+    _set_task_type,
+    _set_complexity_score,
+    _set_is_critical,
+    _set_output_length,
+    _set_input_tokens,
+) = _slot_setters
 
 
 def _check_route_request(
@@ -359,7 +374,20 @@ class Router:
         if plans is not None and unavailable is None and type(request) is RouteRequest:
             # The hot path: the decision this request got before, if the model it chose is
             # still not open. The breaker is read on every call, as on the slow path.
-            key = _plan_key(request)
+            task, score = request.task_type, request.complexity_score
+            # The value the default policy's decision depends on, for a request whose
+            # fields have the plain types (an unusual type's equality with a plain value
+            # does not promise the same decision). 2 and 2.0 give the same decision (the
+            # reason formats the score with :g); 0.0 and -0.0 are equal but read
+            # differently, so zero scores are told apart by their text.
+            if type(task) is str and (type(score) is int or type(score) is float):
+                key = (
+                    task,
+                    score if score else str(score),
+                    request.is_critical,
+                    request.output_length,
+                    request.input_tokens,
+                )
             plan = plans.get(key) if key is not None else None
             if plan is not None:
                 breaker = self._breaker_for(plan[1])
@@ -452,24 +480,6 @@ class Router:
 
 #: Most request values a router remembers decisions for.
 _PLAN_LIMIT = 1024
-
-
-def _plan_key(request: RouteRequest) -> tuple[Any, ...] | None:
-    """The value the default policy's decision depends on; ``None`` for a request whose
-    decision is not remembered (a field of an unusual type, whose equality with a plain
-    value does not promise the same decision)."""
-    task, score = request.task_type, request.complexity_score
-    if type(task) is not str or (type(score) is not int and type(score) is not float):
-        return None
-    # 2 and 2.0 give the same decision (the reason formats the score with :g); 0.0 and
-    # -0.0 are equal but read differently, so zero scores are told apart by their text.
-    return (
-        task,
-        score if score else str(score),
-        request.is_critical,
-        request.output_length,
-        request.input_tokens,
-    )
 
 
 def _breaker_lookup(
@@ -584,6 +594,8 @@ def routed(
         raise ConfigError("request", request, "must be a callable of the call's arguments")
     if not isinstance(model_kwarg, str) or not model_kwarg:
         raise ConfigError("model_kwarg", model_kwarg, "must be a keyword argument name")
+    if not isinstance(clock, Clock):
+        raise ConfigError("clock", clock, "must be a Clock (monotonic, time, sleep)")
     catalog = router.catalog
 
     def decorate(fn: Callable[P, R]) -> Callable[P, R]:

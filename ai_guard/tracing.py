@@ -86,6 +86,7 @@ from pydantic import Field
 from ai_guard.clock import SYSTEM_CLOCK, Clock
 from ai_guard.config import GuardConfig, build_config
 from ai_guard.context import CallContext, close_call, current_call, error_type_of, open_call
+from ai_guard.errors import ConfigError
 from ai_guard.types import ChatResult, StreamEvent
 
 __all__ = [
@@ -244,41 +245,30 @@ def ai_span_attributes(
     else:
         ctx = CallContext(0.0)
         ctx.observe_result(source)
-    return _attributes(
-        ctx,
-        operation=ctx.operation or operation or "chat",
-        provider=ctx.provider or provider or "openai",
-        request_model=ctx.request_model or request_model,
-        emit_gen_ai_system=emit_gen_ai_system,
-        latency_ms=ctx.latency_ms,
-        error_type=ctx.error_type,
-    )
+    provider = ctx.provider or provider or "openai"
+    attrs: dict[str, AttributeValue] = {
+        GEN_AI_OPERATION_NAME: ctx.operation or operation or "chat",
+        GEN_AI_PROVIDER_NAME: provider,
+    }
+    if emit_gen_ai_system:
+        attrs[GEN_AI_SYSTEM] = provider
+    request_model = ctx.request_model or request_model
+    if request_model:
+        attrs[GEN_AI_REQUEST_MODEL] = request_model
+    attrs.update(_result_attributes(ctx, ctx.latency_ms, ctx.error_type))
+    return attrs
 
 
-def _attributes(
-    ctx: CallContext,
-    *,
-    operation: str,
-    provider: str,
-    request_model: str | None,
-    emit_gen_ai_system: bool,
-    latency_ms: float | None,
-    error_type: str | None,
-    request_attributes: bool = True,
+def _result_attributes(
+    ctx: CallContext, latency_ms: float | None, error_type: str | None
 ) -> dict[str, AttributeValue]:
+    """What a span learns during the call (a span got the request's attributes when it
+    started: setting them again would cost a validation each)."""
     attrs: dict[str, AttributeValue] = {
         GEN_AI_REQUEST_STREAM: ctx.stream,
         AI_GUARD_RETRIES: ctx.retries,
         AI_GUARD_CACHE_HIT: ctx.cached_tokens > 0,
     }
-    # A span got these when it started; setting them again costs a validation each.
-    if request_attributes:
-        attrs[GEN_AI_OPERATION_NAME] = operation
-        attrs[GEN_AI_PROVIDER_NAME] = provider
-        if emit_gen_ai_system:
-            attrs[GEN_AI_SYSTEM] = provider
-        if request_model:
-            attrs[GEN_AI_REQUEST_MODEL] = request_model
     if ctx.response_model:
         attrs[GEN_AI_RESPONSE_MODEL] = ctx.response_model
     if ctx.response_id:
@@ -299,8 +289,9 @@ def _attributes(
         attrs[AI_GUARD_RATE_LIMIT_WAIT_S] = ctx.rate_limit_wait_s
     if ctx.breaker:
         attrs[AI_GUARD_BREAKER] = ctx.breaker
-    if ctx.circuit_state:
-        attrs[AI_GUARD_CIRCUIT_STATE] = str(ctx.circuit_state)
+    state = ctx.circuit_state
+    if state:
+        attrs[AI_GUARD_CIRCUIT_STATE] = state if type(state) is str else str(state)
     if ctx.tier:
         attrs[AI_GUARD_ROUTE_TIER] = ctx.tier
     if ctx.route_reason:
@@ -534,6 +525,8 @@ def traced_ai(
         server_port=server_port,
         model_kwarg=model_kwarg,
     )
+    if not isinstance(clock, Clock):
+        raise ConfigError("clock", clock, "must be a Clock (monotonic, time, sleep)")
     _load_providers_from_env()
 
     def decorate(fn: Callable[P, R]) -> Callable[P, R]:
@@ -544,6 +537,14 @@ def traced_ai(
         address = config.server_address
         port = config.server_port
         telemetry = traced.telemetry
+        # With no provider given and the API's global slots both empty (no SDK installed:
+        # the usual state of a script or a test suite), there is nothing to record, and
+        # the wrapper learns it from two module reads, without a call.
+        slots_say_no_sdk = (
+            _FAST_PROVIDER_SLOTS and tracer_provider is None and meter_provider is None
+        )
+        trace_slots = _otel_trace_module
+        metric_slots = _otel_metrics_module
 
         @functools.wraps(fn)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -559,7 +560,14 @@ def traced_ai(
             if address is not None and ctx.server_address is None:
                 ctx.server_address = address
                 ctx.server_port = port
-            recording = telemetry()
+            if (
+                slots_say_no_sdk
+                and trace_slots._TRACER_PROVIDER is None
+                and metric_slots._METER_PROVIDER is None
+            ):
+                recording = None
+            else:
+                recording = telemetry()
             if recording is None:
                 if token is None:  # joined an outer guard's context, which ends the call
                     return fn(*args, **kwargs)
@@ -592,6 +600,13 @@ class _TracedCall:
         self._fn = fn
         self._config = config
         self._clock = clock
+        # What every span of this function starts with (the model is added per call).
+        self._start_attributes: dict[str, AttributeValue] = {
+            GEN_AI_OPERATION_NAME: config.operation,
+            GEN_AI_PROVIDER_NAME: config.provider,
+        }
+        if config.emit_gen_ai_system:
+            self._start_attributes[GEN_AI_SYSTEM] = config.provider
         self._explicit_tracer_provider = tracer_provider
         self._explicit_meter_provider = meter_provider
         # (tracer provider seen, meter provider seen, what to record with): replaced as a
@@ -692,10 +707,13 @@ class _TracedCall:
             return self._stream(
                 telemetry, span, span_model, ctx, stream, token is not None, started
             )
-        result = close_call(ctx, token, clock, result=result)
-        if token is None:  # joined an outer guard's context: it observes the result later
+        if token is None:
+            # Joined an outer guard's context: the span needs the usage now; the owner
+            # observes the result again when it ends the call.
             ctx.observe_result(result)
-        self._finish(telemetry, span, span_model, ctx, started, result=result)
+        else:
+            result = close_call(ctx, token, clock, result=result)
+        self._finish(telemetry, span, span_model, ctx, started, result)
         return result
 
     def _start_span(
@@ -707,12 +725,7 @@ class _TracedCall:
     ) -> Span:
         config = self._config
         model = ctx.request_model
-        attributes: dict[str, AttributeValue] = {
-            GEN_AI_OPERATION_NAME: config.operation,
-            GEN_AI_PROVIDER_NAME: config.provider,
-        }
-        if config.emit_gen_ai_system:
-            attributes[GEN_AI_SYSTEM] = config.provider
+        attributes = dict(self._start_attributes)
         if model:
             attributes[GEN_AI_REQUEST_MODEL] = model
         if ctx.server_address:
@@ -724,10 +737,7 @@ class _TracedCall:
             kind=SpanKind.CLIENT,
             attributes=attributes,
         )
-        span_context = span.get_span_context()
-        if span_context.is_valid:
-            ctx.trace_id = format(span_context.trace_id, "032x")
-            ctx.span_id = format(span_context.span_id, "016x")
+        ctx.span = span  # for the log line's ids, formatted only if it is written
         if config.capture_content and span.is_recording():
             span.set_attribute(GEN_AI_INPUT_MESSAGES, _json(_input_messages(args, kwargs)))
         return span
@@ -787,7 +797,6 @@ class _TracedCall:
         span_model: str | None,
         ctx: CallContext,
         started: float,
-        *,
         result: Any = None,
         error: BaseException | None = None,
         streamed_text: str | None = None,
@@ -799,16 +808,7 @@ class _TracedCall:
                 latency_ms = ctx.latency_ms
                 if latency_ms is None:  # an outer guard owns the context and ends later
                     latency_ms = (self._clock.monotonic() - ctx.started_at) * 1000.0
-                attributes = _attributes(
-                    ctx,
-                    operation=config.operation,
-                    provider=config.provider,
-                    request_model=ctx.request_model,
-                    emit_gen_ai_system=config.emit_gen_ai_system,
-                    latency_ms=latency_ms,
-                    error_type=error_type,
-                    request_attributes=False,
-                )
+                attributes = _result_attributes(ctx, latency_ms, error_type)
                 model = ctx.request_model
                 if model and model != span_model:
                     # Learned during the call (an inner guard or the client chose it).
