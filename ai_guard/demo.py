@@ -786,6 +786,9 @@ def run_demo(
                 "AI_GUARD_DASHBOARD_WINDOW": 300,
                 "AI_GUARD_METRICS_RESOLUTION": 1,
                 "AI_GUARD_CRITICAL_BREAKERS": [],
+                # The demo lasts seconds, not the minute a projection waits for by
+                # default: project the month from its own (bursty) spend rate.
+                "AI_GUARD_SLOS": {"cost_projection_min_seconds": 5.0},
             }
         )
         url = stack.enter_context(_serve(app, port))
