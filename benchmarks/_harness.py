@@ -19,6 +19,7 @@ missed target.
 from __future__ import annotations
 
 import gc
+import itertools
 import statistics
 import threading
 import time
@@ -42,6 +43,37 @@ class Case:
     check: Callable[[int], None] | None = None  # called with the exact number of calls made
     setup: Callable[[], None] | None = None  # called once, just before the case is measured
     teardown: Callable[[], None] | None = None  # called once its group has been measured
+
+
+class CallCounter:
+    """Counts the calls that reach a function, exactly, from any number of threads:
+    ``tick`` is an ``itertools.count``'s ``__next__`` (atomic under the GIL, no lock).
+
+    Use ``setup`` and ``check`` as a case's own: ``check(calls)`` raises unless exactly
+    ``calls`` calls (or ``expected(calls)`` of them) reached the function since ``setup``.
+    """
+
+    def __init__(self, expected: Callable[[int], int] | None = None) -> None:
+        self._count = itertools.count()
+        self.tick: Callable[[], int] = self._count.__next__
+        self._reads = 0
+        self._baseline = 0
+        self._expected = expected
+
+    def _value(self) -> int:
+        # Reading the count is one more next(): take the reads back out.
+        value = next(self._count) - self._reads
+        self._reads += 1
+        return value
+
+    def setup(self) -> None:
+        self._baseline = self._value()
+
+    def check(self, calls: int) -> None:
+        reached = self._value() - self._baseline
+        expected = calls if self._expected is None else self._expected(calls)
+        if reached != expected:
+            raise AssertionError(f"{reached} calls reached the function, expected {expected}")
 
 
 @dataclass

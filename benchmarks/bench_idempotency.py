@@ -12,7 +12,10 @@ into a :class:`~ai_guard.idempotency.Record`) as the last step: reported, no tar
 
 Group ``idempotency-decorated``: the whole ``@idempotent(key=...)`` call on a new key
 (claim, run, serialize, complete) and on a replayed key (claim attempt, read,
-deserialize), over the undecorated function. Reported, no target.
+deserialize), over the undecorated function. Reported, no target; checked exactly: every
+new key ran the function once, the replayed key never ran it again.
+
+Both groups from 1 thread and from 8 (one store shared by the threads).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from ai_guard.idempotency import (
     try_claim,
 )
 from ai_guard.stores import MemoryStore
-from benchmarks._harness import Case
+from benchmarks._harness import CallCounter, Case
 
 MAXSIZE = 100_000
 RESULT = {"order": 42, "status": "created"}
@@ -60,12 +63,19 @@ def cases() -> list[Case]:
     def bare() -> str:
         return f"k{next(keys)}"
 
+    # Calls that did not claim their new key, complete it or read it back: none may.
+    failed = CallCounter(expected=lambda calls: 0)
+    fail = failed.tick
+
     def ours() -> None:
         key = f"k{next(keys)}"
         claim = new_claim()
-        try_claim(store, key, claim, 60.0)
-        complete(store, key, claim, record, 86400.0)
-        lookup_payload(store, key, header)
+        if (
+            try_claim(store, key, claim, 60.0) is not None
+            or not complete(store, key, claim, record, 86400.0)
+            or lookup_payload(store, key, header) is None
+        ):
+            fail()
 
     def ours_parsed() -> None:
         key = f"k{next(keys)}"
@@ -74,7 +84,12 @@ def cases() -> list[Case]:
         complete(parsed_store, key, claim, record, 86400.0)
         lookup(parsed_store, key)
 
+    def setup_ours() -> None:
+        failed.setup()
+        fill(store)
+
     def check_ours(calls: int) -> None:
+        failed.check(calls)
         _check_bounded(len(store))
         key = f"k{next(keys)}"
         claim = new_claim()
@@ -100,50 +115,86 @@ def cases() -> list[Case]:
             cache.get(key)
 
     decorated_keys = itertools.count()
+    # Every new key runs the function exactly once; the replayed key never runs it again.
+    runs_new, runs_replayed = CallCounter(), CallCounter(expected=lambda calls: 0)
 
     def create_order(key: str) -> dict[str, Any]:
         return RESULT
 
-    guarded = idempotent(MemoryStore(maxsize=MAXSIZE), key=lambda key: key)(create_order)
-    guarded("replayed")
+    def create_new(key: str) -> dict[str, Any]:
+        runs_new.tick()
+        return RESULT
+
+    def create_replayed(key: str) -> dict[str, Any]:
+        runs_replayed.tick()
+        return RESULT
+
+    guarded_new = idempotent(MemoryStore(maxsize=MAXSIZE), key=lambda key: key)(create_new)
+    guarded_replayed = idempotent(MemoryStore(maxsize=MAXSIZE), key=lambda key: key)(
+        create_replayed
+    )
+    guarded_replayed("replayed")
 
     def bare_call() -> None:
         create_order(f"o{next(decorated_keys)}")
 
     def new_key() -> None:
-        guarded(f"o{next(decorated_keys)}")
+        guarded_new(f"o{next(decorated_keys)}")
 
     def replayed_key() -> None:
         _unused = f"o{next(decorated_keys)}"  # the key-making work the other cases do
-        guarded("replayed")
+        guarded_replayed("replayed")
 
-    return [
-        Case("idempotency", "bare", bare),
-        Case(
-            "idempotency",
-            "claim+complete+replay read",
-            ours,
-            anchor="ttlcache_set_get",
-            target=0.5,
-            setup=lambda: fill(store),
-            check=check_ours,
-        ),
-        Case(
-            "idempotency",
-            "claim+complete+lookup",
-            ours_parsed,
-            anchor="ttlcache_set_get",
-            setup=lambda: fill(parsed_store),
-            check=lambda calls: _check_bounded(len(parsed_store)),
-        ),
-        Case(
-            "idempotency",
-            "ttlcache_set_get",
-            ttlcache_set_get,
-            setup=fill_cache,
-            check=lambda calls: _check_bounded(len(cache)),
-        ),
-        Case("idempotency-decorated", "bare", bare_call),
-        Case("idempotency-decorated", "new_key", new_key),
-        Case("idempotency-decorated", "replayed_key", replayed_key),
-    ]
+    out: list[Case] = []
+    for threads in (1, 8):
+        out += [
+            Case("idempotency", "bare", bare, threads=threads),
+            Case(
+                "idempotency",
+                "claim+complete+replay read",
+                ours,
+                anchor="ttlcache_set_get",
+                target=0.5,
+                threads=threads,
+                setup=setup_ours,
+                check=check_ours,
+            ),
+            Case(
+                "idempotency",
+                "ttlcache_set_get",
+                ttlcache_set_get,
+                threads=threads,
+                setup=fill_cache,
+                check=lambda calls: _check_bounded(len(cache)),
+            ),
+            Case("idempotency-decorated", "bare", bare_call, threads=threads),
+            Case(
+                "idempotency-decorated",
+                "new_key",
+                new_key,
+                threads=threads,
+                setup=runs_new.setup,
+                check=runs_new.check,
+            ),
+            Case(
+                "idempotency-decorated",
+                "replayed_key",
+                replayed_key,
+                threads=threads,
+                setup=runs_replayed.setup,
+                check=runs_replayed.check,
+            ),
+        ]
+        if threads == 1:
+            out.insert(
+                -4,
+                Case(
+                    "idempotency",
+                    "claim+complete+lookup",
+                    ours_parsed,
+                    anchor="ttlcache_set_get",
+                    setup=lambda: fill(parsed_store),
+                    check=lambda calls: _check_bounded(len(parsed_store)),
+                ),
+            )
+    return out

@@ -13,16 +13,18 @@
   and cost left at 0). Reported as a ratio, without a target: the SDK's span is most of
   both figures; the full stack's target (``bench_stack``) is the one that counts.
 
-Every case runs inside a ``contextvars.Context`` of its own, so the sinks bound for one
-case do not leak into the benchmarks of other modules (they run in the same thread).
+Each from 1 thread and from 8. Every case runs inside a ``contextvars.Context`` of its
+own (one per thread), so the sinks bound for one case do not leak into the benchmarks of
+other modules (they run in the same thread), and counts the calls that reach the
+decorated function: exactly one per call made.
 """
 
 from __future__ import annotations
 
 import contextvars
-import functools
 import logging
 import sys
+import threading
 from collections.abc import Callable, Sequence
 
 from opentelemetry import trace
@@ -34,7 +36,7 @@ from ai_guard.context import _BOUND_SINKS
 from ai_guard.logs import log_call
 from ai_guard.tracing import _global_tracer_provider, traced_ai
 from ai_guard.types import ChatResult, Usage
-from benchmarks._harness import Case
+from benchmarks._harness import CallCounter, Case
 
 RESULT = ChatResult(
     content="positive",
@@ -45,16 +47,59 @@ RESULT = ChatResult(
 )
 
 
-def ask(prompt: str, *, model: str) -> ChatResult:
-    return RESULT
+Ask = Callable[..., ChatResult]
+MODEL = "gpt-4o-mini"
+
+
+def _counted_ask() -> tuple[Ask, CallCounter]:
+    """The AI call (returns at once), and the exact count of the calls reaching it."""
+    counter = CallCounter()
+    tick = counter.tick
+
+    def ask(prompt: str, *, model: str) -> ChatResult:
+        tick()
+        return RESULT
+
+    return ask, counter
 
 
 def _in_context(fn: Callable[[], object], *sinks: Callable[..., None]) -> Callable[[], object]:
-    """``fn`` run in a context of its own, with ``sinks`` bound there."""
-    context = contextvars.copy_context()
-    # Set for good in that context (no scope to exit: the context is the case's own).
-    context.run(_BOUND_SINKS.set, tuple(sinks))
-    return functools.partial(context.run, fn)
+    """``fn`` run in a context of its own per thread, with ``sinks`` bound there."""
+    local = threading.local()
+
+    def run() -> object:
+        try:
+            context: contextvars.Context = local.context
+        except AttributeError:
+            context = local.context = contextvars.copy_context()
+            # Set for good in that context (no scope to exit: the context is the case's).
+            context.run(_BOUND_SINKS.set, tuple(sinks))
+        return context.run(fn)
+
+    return run
+
+
+def _case(
+    group: str,
+    name: str,
+    make: Callable[[Ask], Callable[[], object]],
+    threads: int,
+    *sinks: Callable[..., None],
+    anchor: str | None = None,
+    target: float | None = None,
+) -> Case:
+    """A case whose body ``make`` builds around its own counted AI call."""
+    ask, counter = _counted_ask()
+    return Case(
+        group,
+        name,
+        _in_context(make(ask), *sinks),
+        anchor=anchor,
+        target=target,
+        threads=threads,
+        setup=counter.setup,
+        check=counter.check,
+    )
 
 
 class _DropExporter(SpanExporter):
@@ -62,7 +107,30 @@ class _DropExporter(SpanExporter):
         return SpanExportResult.SUCCESS
 
 
-def _nosdk_cases() -> list[Case]:
+def _bare(ask: Ask) -> Callable[[], object]:
+    return lambda: ask("hello", model=MODEL)
+
+
+def _traced(**options: object) -> Callable[[Ask], Callable[[], object]]:
+    def make(ask: Ask) -> Callable[[], object]:
+        traced = traced_ai(operation="chat", **options)(ask)  # type: ignore[arg-type]
+        return lambda: traced("hello", model=MODEL)
+
+    return make
+
+
+def _span_around(tracer: trace.Tracer) -> Callable[[Ask], Callable[[], object]]:
+    def make(ask: Ask) -> Callable[[], object]:
+        def call() -> object:
+            with tracer.start_as_current_span(f"chat {MODEL}"):
+                return ask("hello", model=MODEL)
+
+        return call
+
+    return make
+
+
+def _nosdk_cases(threads: int) -> list[Case]:
     if _global_tracer_provider() is not None:
         print(
             "bench_tracing: a global TracerProvider is installed in this process; "
@@ -71,92 +139,82 @@ def _nosdk_cases() -> list[Case]:
         )
         return []
     logging.getLogger("ai_guard").setLevel(logging.WARNING)  # INFO off, as by default
-    traced = traced_ai(operation="chat")(ask)
-    noop_tracer = NoOpTracer()
-    proxy_tracer = trace.get_tracer("bench")
-
-    def bare() -> object:
-        return ask("hello", model="gpt-4o-mini")
-
-    def ours() -> object:
-        return traced("hello", model="gpt-4o-mini")
-
-    def noop_span() -> object:
-        with noop_tracer.start_as_current_span("chat gpt-4o-mini"):
-            return ask("hello", model="gpt-4o-mini")
-
-    def proxy_span() -> object:
-        with proxy_tracer.start_as_current_span("chat gpt-4o-mini"):
-            return ask("hello", model="gpt-4o-mini")
-
     group = "traced_ai_nosdk"
     return [
-        Case(group, "bare", _in_context(bare)),
-        Case(group, "otel_api_noop_span", _in_context(noop_span)),
-        Case(group, "otel_api_proxy_span", _in_context(proxy_span)),
-        Case(group, "ai_guard", _in_context(ours), anchor="otel_api_noop_span", target=1.0),
-        Case(
+        _case(group, "bare", _bare, threads),
+        _case(group, "otel_api_noop_span", _span_around(NoOpTracer()), threads),
+        _case(group, "otel_api_proxy_span", _span_around(trace.get_tracer("bench")), threads),
+        _case(group, "ai_guard", _traced(), threads, anchor="otel_api_noop_span", target=1.0),
+        _case(
             group,
             "ai_guard_log_sink",
-            _in_context(ours, log_call),
+            _traced(),
+            threads,
+            log_call,
             anchor="otel_api_noop_span",
             target=1.0,
         ),
     ]
 
 
-def _sdk_cases() -> list[Case]:
+def _by_hand(tracer: trace.Tracer) -> Callable[[Ask], Callable[[], object]]:
+    """The span set by hand from the result: the attributes ours sets."""
+
+    def make(ask: Ask) -> Callable[[], object]:
+        def call() -> object:
+            with tracer.start_as_current_span(
+                f"chat {MODEL}",
+                kind=SpanKind.CLIENT,
+                attributes={
+                    "gen_ai.operation.name": "chat",
+                    "gen_ai.provider.name": "openai",
+                    "gen_ai.request.model": MODEL,
+                },
+            ) as span:
+                result = ask("hello", model=MODEL)
+                usage = result.usage
+                span.set_attributes(
+                    {
+                        "gen_ai.request.stream": False,
+                        "gen_ai.response.model": result.model,
+                        "gen_ai.response.id": result.id or "",
+                        "gen_ai.response.finish_reasons": (result.finish_reason or "",),
+                        "gen_ai.usage.input_tokens": usage.prompt_tokens,
+                        "gen_ai.usage.output_tokens": usage.completion_tokens,
+                        "gen_ai.usage.cache_read.input_tokens": usage.cached_tokens,
+                        "ai_guard.retries": 0,
+                        "ai_guard.cache_hit": usage.cached_tokens > 0,
+                        "ai_guard.latency_ms": 0.0,
+                        "ai_guard.cost_usd": 0.0,
+                    }
+                )
+                span.set_status(Status(StatusCode.OK))
+                return result
+
+        return call
+
+    return make
+
+
+def _sdk_cases(threads: int) -> list[Case]:
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(_DropExporter()))
-    sdk_tracer = provider.get_tracer("bench")
-    traced = traced_ai(operation="chat", tracer_provider=provider)(ask)
-
-    def bare() -> object:
-        return ask("hello", model="gpt-4o-mini")
-
-    def ours() -> object:
-        return traced("hello", model="gpt-4o-mini")
-
-    def by_hand() -> object:
-        with sdk_tracer.start_as_current_span(
-            "chat gpt-4o-mini",
-            kind=SpanKind.CLIENT,
-            attributes={
-                "gen_ai.operation.name": "chat",
-                "gen_ai.provider.name": "openai",
-                "gen_ai.request.model": "gpt-4o-mini",
-            },
-        ) as span:
-            result = ask("hello", model="gpt-4o-mini")
-            usage = result.usage
-            span.set_attributes(
-                {
-                    "gen_ai.request.stream": False,
-                    "gen_ai.response.model": result.model,
-                    "gen_ai.response.id": result.id or "",
-                    "gen_ai.response.finish_reasons": (result.finish_reason or "",),
-                    "gen_ai.usage.input_tokens": usage.prompt_tokens,
-                    "gen_ai.usage.output_tokens": usage.completion_tokens,
-                    "gen_ai.usage.cache_read.input_tokens": usage.cached_tokens,
-                    "ai_guard.retries": 0,
-                    "ai_guard.cache_hit": usage.cached_tokens > 0,
-                    "ai_guard.latency_ms": 0.0,
-                    "ai_guard.cost_usd": 0.0,
-                }
-            )
-            span.set_status(Status(StatusCode.OK))
-            return result
-
     group = "traced_ai_sdk"
     return [
-        Case(group, "bare", _in_context(bare)),
-        Case(group, "otel_sdk_span_by_hand", _in_context(by_hand)),
+        _case(group, "bare", _bare, threads),
+        _case(group, "otel_sdk_span_by_hand", _by_hand(provider.get_tracer("bench")), threads),
         # Reported, no target: ours sets the same attributes as the span by hand, and on
         # top of it measures latency, prices the call and keeps the per-call context that
         # the breaker, metrics and log line share (about 1.1x the span by hand here).
-        Case(group, "ai_guard", _in_context(ours), anchor="otel_sdk_span_by_hand"),
+        _case(
+            group,
+            "ai_guard",
+            _traced(tracer_provider=provider),
+            threads,
+            anchor="otel_sdk_span_by_hand",
+        ),
     ]
 
 
 def cases() -> list[Case]:
-    return _nosdk_cases() + _sdk_cases()
+    return [case for threads in (1, 8) for case in _nosdk_cases(threads) + _sdk_cases(threads)]

@@ -12,7 +12,7 @@ import pybreaker  # noqa: F401 - the bench extra (anchors) is part of "dev": fai
 import pytest
 import tenacity  # noqa: F401
 
-from benchmarks._harness import Case, Result, run_cases
+from benchmarks._harness import CallCounter, Case, Result, run_cases
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,6 +98,38 @@ def test_a_failing_check_marks_the_row_and_the_run_goes_on() -> None:
     )
     assert rows[1]["ok"] is False
     assert "counted 1 of 2" in rows[1]["check"]
+
+
+def test_a_call_counter_is_exact_from_eight_threads_and_catches_a_double_call() -> None:
+    once, twice = CallCounter(), CallCounter()
+
+    def run_twice() -> None:  # a guard that ran the function twice for one call
+        twice.tick()
+        twice.tick()
+
+    rows = run_cases(
+        [
+            Case("g", "bare", lambda: None, threads=8),
+            Case("g", "once", once.tick, threads=8, setup=once.setup, check=once.check),
+            Case("g", "twice", run_twice, threads=8, setup=twice.setup, check=twice.check),
+        ],
+        quick=True,
+        repeats=2,
+    )
+    assert rows[1]["check"] == "ok"
+    assert rows[1]["calls"] >= 8
+    assert "calls reached the function" in rows[2]["check"]
+    assert rows[2]["ok"] is False
+
+
+def test_a_call_counter_counts_from_its_setup_on() -> None:
+    counter = CallCounter(expected=lambda calls: 0)  # e.g. replays: the function never runs
+    counter.tick()  # a warm-up call before the case
+    counter.setup()
+    counter.check(5)
+    counter.tick()
+    with pytest.raises(AssertionError, match="1 calls reached the function, expected 0"):
+        counter.check(5)
 
 
 def test_setup_runs_before_and_teardown_after_the_case() -> None:

@@ -238,6 +238,62 @@ def test_32_threads_racing_for_1000_claims_get_exactly_one_winner_each(store: St
     assert set(wins.values()) == {1}
 
 
+def test_memory_reads_without_the_lock_see_only_live_values_of_their_own_key() -> None:
+    """get() reads without the lock (atomic under the GIL): while writers replace, evict
+    and let keys expire, a reader sees its key's current or an earlier value, or None;
+    never another key's value and never one that expired on the clock it reads."""
+    clock = FakeClock()
+    # Writers fill the first 64 keys, then the other 64: 96 slots, so the second half
+    # evicts 32 of the first, and the other 32 stay behind, expired, for the readers.
+    store = MemoryStore(maxsize=96, clock=clock)
+    keys = [f"k{i}" for i in range(128)]
+    writers, readers, rounds = 4, 8, 3000
+    barrier = threading.Barrier(writers + readers + 1)
+    errors: list[str] = []
+    seen = Counter[str]()
+    slack = 0.25 * writers
+
+    def write(n: int) -> None:
+        barrier.wait()
+        for r in range(rounds):
+            key = keys[(64 if r >= rounds // 2 else 0) + (n * 31 + r) % 64]
+            # The expiry is encoded in the value: a reader can tell an expired one.
+            expires_at = clock.monotonic() + 1.0
+            store.set(key, f"{key}|{expires_at!r}".encode(), ttl=1.0)
+            if r % 97 == 0:
+                clock.advance(0.25)  # values written over 1 s ago expire
+
+    def read(n: int) -> None:
+        barrier.wait()
+        for r in range(rounds):
+            key = keys[(n * 17 + r) % len(keys)]
+            before = clock.monotonic()  # the store's clock at get() is at least this
+            value = store.get(key)
+            if value is None:
+                seen["none"] += 1
+                continue
+            seen["value"] += 1
+            owner, _, expires_at = value.decode().partition("|")
+            if owner != key:
+                errors.append(f"{key} read {owner}'s value")
+            # The store stamps its expiry a moment after the writer read the clock: the
+            # other writers may have stepped it meanwhile (slack: one step each).
+            elif float(expires_at) + slack <= before:
+                errors.append(f"{key} read a value expired at {expires_at}, now {before}")
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(writers)]
+    threads += [threading.Thread(target=read, args=(n,)) for n in range(readers)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors[:5]
+    assert seen["value"] > 0  # both paths ran (the counts are approximate: no lock)
+    assert seen["none"] > 0
+    assert len(store) <= 96
+
+
 def test_32_threads_incrementing_lose_no_update(store: Store) -> None:
     threads, per_thread = 32, 200
     barrier = threading.Barrier(threads)

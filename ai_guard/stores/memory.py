@@ -13,6 +13,7 @@ to go.
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -25,6 +26,10 @@ from ai_guard.stores.base import Script, Store, StoreValue, script_arg
 __all__ = ["MemoryStore"]
 
 T = TypeVar("T")
+
+#: Whether ``get`` may read without the lock: with the GIL a dict lookup is atomic. A
+#: free-threaded build (PEP 703) keeps the lock on every read.
+_LOCK_FREE_READS: bool = getattr(sys, "_is_gil_enabled", lambda: True)()
 
 
 class MemoryStore(Store):
@@ -115,6 +120,16 @@ class MemoryStore(Store):
     # whole operation costs a few hundred ns.
 
     def get(self, key: str) -> bytes | None:
+        if _LOCK_FREE_READS:
+            # Under the GIL one dict lookup is atomic and an item is an immutable tuple:
+            # a live value is returned without the lock (a replay's read, from every
+            # thread at once, does not queue behind the writers). An expired or missing
+            # item takes the locked path, which deletes it.
+            item = self._data.get(key)
+            if item is None:
+                return None
+            if item[1] > self._now():
+                return item[0]
         self._acquire()
         try:
             item = self._data.get(key)
@@ -132,17 +147,19 @@ class MemoryStore(Store):
             self._set(key, value, ttl)
 
     def add(self, key: str, value: bytes, ttl: float | None = None) -> bool:
-        expires_in = self.default_ttl if ttl is None else ttl
+        # The clock is read before the lock: the critical section (what other threads
+        # queue behind) stays a few dict operations.
+        now = self._now()
+        expires_at = now + (self.default_ttl if ttl is None else ttl)
         self._acquire()
         try:
             data = self._data
-            now = self._now()
             item = data.get(key)
             if item is not None:
                 if item[1] > now:
                     return False
                 del data[key]  # expired: the key is free, and goes to the young end
-            data[key] = (value, now + expires_in)
+            data[key] = (value, expires_at)
             if len(data) > self.maxsize:
                 data.popitem(False)
             return True
@@ -154,17 +171,19 @@ class MemoryStore(Store):
         ``None``; when it exists, store nothing and return its current value (Redis
         ``SET NX GET``). The idempotency guard's claim: one locked operation claims a key
         or reads what holds it."""
-        expires_in = self.default_ttl if ttl is None else ttl
+        # The clock is read before the lock: the critical section (what other threads
+        # queue behind) stays a few dict operations.
+        now = self._now()
+        expires_at = now + (self.default_ttl if ttl is None else ttl)
         self._acquire()
         try:
             data = self._data
-            now = self._now()
             item = data.get(key)
             if item is not None:
                 if item[1] > now:
                     return item[0]
                 del data[key]  # expired: the key is free, and goes to the young end
-            data[key] = (value, now + expires_in)
+            data[key] = (value, expires_at)
             if len(data) > self.maxsize:
                 data.popitem(False)
             return None
@@ -178,23 +197,25 @@ class MemoryStore(Store):
     def compare_and_set(
         self, key: str, expected: bytes | None, value: bytes, ttl: float | None = None
     ) -> bool:
-        expires_in = self.default_ttl if ttl is None else ttl
+        # The clock is read before the lock: the critical section (what other threads
+        # queue behind) stays a few dict operations.
+        now = self._now()
+        expires_at = now + (self.default_ttl if ttl is None else ttl)
         self._acquire()
         try:
             data = self._data
-            now = self._now()
             item = data.get(key)
             if item is not None and item[1] > now:
                 if item[0] != expected:
                     return False
-                data[key] = (value, now + expires_in)
+                data[key] = (value, expires_at)
                 data.move_to_end(key)  # a write makes the key young again
                 return True
             if expected is not None:
                 return False
             if item is not None:
                 del data[key]  # expired: replaced, at the young end
-            data[key] = (value, now + expires_in)
+            data[key] = (value, expires_at)
             if len(data) > self.maxsize:
                 data.popitem(False)
             return True
