@@ -48,7 +48,7 @@ from pydantic import ConfigDict, Field, SecretStr, ValidationInfo, field_validat
 
 from ai_guard.breaker import BreakerEvent, CircuitBreaker, all_breakers, default_registry
 from ai_guard.config import STORE_SCHEMES, GuardConfig, build_config
-from ai_guard.context import CallContext, Sink, bind_sinks
+from ai_guard.context import _BOUND_SINKS, CallContext, Sink
 from ai_guard.errors import AIGuardError, ConfigError
 from ai_guard.idempotency import idempotent as _idempotent
 from ai_guard.logs import log_call
@@ -283,7 +283,7 @@ class SinkBindingMiddleware:
     Why at the WSGI level rather than in ``before_request``/``teardown_request``:
     :func:`~ai_guard.context.bind_sinks` sets a :class:`~contextvars.ContextVar`, and its
     token must be reset in the context that set it. Here every set and reset happen in
-    the same Python frame (a ``with`` block), so they always pair up, even when a hook
+    the same Python frame (``try``/``finally``), so they always pair up, even when a hook
     fails or a server iterates the body elsewhere. A streamed body (a generator view,
     ``stream_with_context`` or not) runs after ``wsgi_app`` has returned; the iterable
     returned here binds the sinks again around each step and around ``close()``, so an AI
@@ -299,44 +299,52 @@ class SinkBindingMiddleware:
         self.sinks = sinks
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
-        # One binding per request, entered again around each step of the body: set and
-        # reset still pair up within one frame each time.
-        binding = bind_sinks(*self.sinks)
-        with binding:
+        sinks = self.sinks
+        token = _BOUND_SINKS.set(sinks)  # bind_sinks(*sinks), without its two calls
+        try:
             body = self.wsgi_app(environ, start_response)
+        finally:
+            _BOUND_SINKS.reset(token)
         file_wrapper = environ.get("wsgi.file_wrapper")
         if isinstance(file_wrapper, type) and isinstance(body, file_wrapper):
             return body
-        return _BoundBody(body, binding)
+        return _BoundBody(body, sinks)
 
 
 class _BoundBody:
-    """A response body whose iteration and ``close()`` run with the sinks bound."""
+    """A response body whose iteration and ``close()`` run with the sinks bound (set and
+    reset around each step, within one frame each time)."""
 
-    __slots__ = ("_binding", "_body", "_iterator")
+    __slots__ = ("_body", "_iterator", "_sinks")
 
-    def __init__(self, body: Iterable[bytes], binding: bind_sinks) -> None:
+    def __init__(self, body: Iterable[bytes], sinks: tuple[Sink, ...]) -> None:
         self._body = body
         self._iterator: Iterator[bytes] | None = None
-        self._binding = binding
+        self._sinks = sinks
 
     def __iter__(self) -> _BoundBody:
         return self
 
     def __next__(self) -> bytes:
-        with self._binding:
+        token = _BOUND_SINKS.set(self._sinks)
+        try:
             iterator = self._iterator
             if iterator is None:
                 iterator = self._iterator = iter(self._body)
             for chunk in iterator:  # one step (a for loop ends without raising)
                 return chunk
+        finally:
+            _BOUND_SINKS.reset(token)
         raise StopIteration
 
     def close(self) -> None:
         close = getattr(self._body, "close", None)
         if close is not None:
-            with self._binding:
+            token = _BOUND_SINKS.set(self._sinks)
+            try:
                 close()
+            finally:
+                _BOUND_SINKS.reset(token)
 
 
 # -- breaker transitions ----------------------------------------------------------------------
