@@ -600,9 +600,7 @@ class MetricsCollector:
         model = ctx.response_model or ctx.request_model or UNKNOWN_MODEL
         tier = ctx.tier
         if tier is None and ctx.catalog is not None:
-            spec = ctx.model_spec()
-            if spec is not None:
-                tier = spec.tier
+            tier = call_tier(ctx)
         try:
             series = self._by_model[model] if tier is None else self._by_key[model, tier]
         except (KeyError, TypeError):
@@ -622,18 +620,7 @@ class MetricsCollector:
         ):
             # A figure a guard left odd (an int latency, a negative count): the validating
             # path converts it or raises MetricValueError.
-            self.record_request(
-                model,
-                tier=tier,
-                input_tokens=ctx.input_tokens,
-                output_tokens=ctx.output_tokens,
-                cached_tokens=ctx.cached_tokens,
-                cost_usd=ctx.cost_usd,
-                latency_ms=0.0 if latency is None else latency,
-                error=ctx.error_type is not None,
-                retries=ctx.retries,
-                fallback=ctx.fallback_from is not None,
-            )
+            self.record_request(model, tier=tier, **call_figures(ctx))
 
     def _count(
         self,
@@ -1217,6 +1204,30 @@ class MetricsCollector:
 
     def __repr__(self) -> str:
         return f"MetricsCollector(series={len(self._series)}, windows={self.windows})"
+
+
+def call_tier(ctx: CallContext) -> str | None:
+    """The tier of the call ``ctx`` describes: the router's, else the catalogue's."""
+    if ctx.tier is not None or ctx.catalog is None:
+        return ctx.tier
+    spec = ctx.model_spec()
+    return None if spec is None else spec.tier
+
+
+def call_figures(ctx: CallContext) -> dict[str, Any]:
+    """The figures of the call ``ctx`` describes, as :meth:`MetricsCollector
+    .record_request` takes them (model and tier aside)."""
+    latency = ctx.latency_ms
+    return {
+        "input_tokens": ctx.input_tokens,
+        "output_tokens": ctx.output_tokens,
+        "cached_tokens": ctx.cached_tokens,
+        "cost_usd": ctx.cost_usd,
+        "latency_ms": 0.0 if latency is None else latency,
+        "error": ctx.error_type is not None,
+        "retries": ctx.retries,
+        "fallback": ctx.fallback_from is not None,
+    }
 
 
 def _checked_catalog(

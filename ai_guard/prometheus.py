@@ -75,6 +75,8 @@ from ai_guard.metrics import (
     MetricsCollector,
     _label,
     _normalized,
+    call_figures,
+    call_tier,
     default_collector,
 )
 from ai_guard.pricing import ModelSpec, find_model
@@ -425,23 +427,10 @@ class PrometheusSink:
 
     def record_call(self, ctx: CallContext) -> None:
         """Record the call a :class:`~ai_guard.context.CallContext` describes."""
-        tier = ctx.tier
-        if tier is None and ctx.catalog is not None:
-            spec = ctx.model_spec()
-            if spec is not None:
-                tier = spec.tier
-        latency = ctx.latency_ms
         self.record_request(
             ctx.response_model or ctx.request_model or UNKNOWN_MODEL,
-            tier=tier,
-            input_tokens=ctx.input_tokens,
-            output_tokens=ctx.output_tokens,
-            cached_tokens=ctx.cached_tokens,
-            cost_usd=ctx.cost_usd,
-            latency_ms=0.0 if latency is None else latency,
-            error=ctx.error_type is not None,
-            retries=ctx.retries,
-            fallback=ctx.fallback_from is not None,
+            tier=call_tier(ctx),
+            **call_figures(ctx),
         )
 
     def record_request(

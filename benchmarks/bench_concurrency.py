@@ -29,7 +29,8 @@ from opentelemetry.trace import NoOpTracer
 
 from ai_guard.types import ChatResult
 from benchmarks._harness import Result
-from benchmarks.bench_stack import MODEL, RESULT, diy, ours
+from benchmarks._spans import MODEL
+from benchmarks.bench_stack import RESULT, diy, ours
 
 GROUP = "concurrency"
 THREADS = 8

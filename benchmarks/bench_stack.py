@@ -73,8 +73,8 @@ from ai_guard.routing import Router, RouteRequest, routed
 from ai_guard.tracing import _global_tracer_provider, traced_ai
 from ai_guard.types import ChatResult, Usage
 from benchmarks._harness import Case
+from benchmarks._spans import CHAT_SPAN_ATTRIBUTES, CHAT_SPAN_NAME, MODEL
 
-MODEL = "gpt-4o-mini"
 RESULT = ChatResult(
     content="positive",
     model="gpt-4o-mini-2024-07-18",
@@ -186,13 +186,7 @@ def diy(
         model, tier = MODEL, "mini"
         started = time.perf_counter()
         with tracer.start_as_current_span(
-            f"chat {model}",
-            kind=SpanKind.CLIENT,
-            attributes={
-                "gen_ai.operation.name": "chat",
-                "gen_ai.provider.name": "openai",
-                "gen_ai.request.model": model,
-            },
+            CHAT_SPAN_NAME, kind=SpanKind.CLIENT, attributes=CHAT_SPAN_ATTRIBUTES
         ) as span:
             try:
                 result = attempt("hello", model)
@@ -259,13 +253,7 @@ def _span_alone(tracer: Tracer) -> Callable[[], object]:
     def call() -> object:
         started = time.perf_counter()
         with tracer.start_as_current_span(
-            f"chat {MODEL}",
-            kind=SpanKind.CLIENT,
-            attributes={
-                "gen_ai.operation.name": "chat",
-                "gen_ai.provider.name": "openai",
-                "gen_ai.request.model": MODEL,
-            },
+            CHAT_SPAN_NAME, kind=SpanKind.CLIENT, attributes=CHAT_SPAN_ATTRIBUTES
         ) as span:
             result = ask("hello", model=MODEL)
             _set_result_attributes(span, result, time.perf_counter() - started)

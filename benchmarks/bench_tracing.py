@@ -37,6 +37,7 @@ from ai_guard.logs import log_call
 from ai_guard.tracing import _global_tracer_provider, traced_ai
 from ai_guard.types import ChatResult, Usage
 from benchmarks._harness import CallCounter, Case
+from benchmarks._spans import CHAT_SPAN_ATTRIBUTES, CHAT_SPAN_NAME, MODEL
 
 RESULT = ChatResult(
     content="positive",
@@ -48,7 +49,6 @@ RESULT = ChatResult(
 
 
 Ask = Callable[..., ChatResult]
-MODEL = "gpt-4o-mini"
 
 
 def _counted_ask() -> tuple[Ask, CallCounter]:
@@ -163,13 +163,7 @@ def _by_hand(tracer: trace.Tracer) -> Callable[[Ask], Callable[[], object]]:
     def make(ask: Ask) -> Callable[[], object]:
         def call() -> object:
             with tracer.start_as_current_span(
-                f"chat {MODEL}",
-                kind=SpanKind.CLIENT,
-                attributes={
-                    "gen_ai.operation.name": "chat",
-                    "gen_ai.provider.name": "openai",
-                    "gen_ai.request.model": MODEL,
-                },
+                CHAT_SPAN_NAME, kind=SpanKind.CLIENT, attributes=CHAT_SPAN_ATTRIBUTES
             ) as span:
                 result = ask("hello", model=MODEL)
                 usage = result.usage

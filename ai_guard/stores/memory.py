@@ -147,24 +147,7 @@ class MemoryStore(Store):
             self._set(key, value, ttl)
 
     def add(self, key: str, value: bytes, ttl: float | None = None) -> bool:
-        # The clock is read before the lock: the critical section (what other threads
-        # queue behind) stays a few dict operations.
-        now = self._now()
-        expires_at = now + (self.default_ttl if ttl is None else ttl)
-        self._acquire()
-        try:
-            data = self._data
-            item = data.get(key)
-            if item is not None:
-                if item[1] > now:
-                    return False
-                del data[key]  # expired: the key is free, and goes to the young end
-            data[key] = (value, expires_at)
-            if len(data) > self.maxsize:
-                data.popitem(False)
-            return True
-        finally:
-            self._release()
+        return self.add_or_get(key, value, ttl) is None
 
     def add_or_get(self, key: str, value: bytes, ttl: float | None = None) -> bytes | None:
         """Store ``value`` only when ``key`` does not exist, atomically, and return
