@@ -1038,13 +1038,13 @@ def test_every_guard_with_random_settings_works_or_names_the_bad_setting(
 @pytest.mark.parametrize(
     "build",
     [
-        pytest.param(lambda: MetricsCollector(clock=None), id="MetricsCollector-clock"),
+        pytest.param(lambda: MetricsCollector(clock=None), id="MetricsCollector-clock"),  # type: ignore[arg-type]
         pytest.param(
-            lambda: traced_ai(clock=None)(lambda **kw: "answer")(model=MODEL),
+            lambda: traced_ai(clock=None)(lambda **kw: "answer")(model=MODEL),  # type: ignore[arg-type]
             id="traced_ai-clock",
         ),
         pytest.param(
-            lambda: routed(Router(), clock=None)(lambda **kw: "answer")(
+            lambda: routed(Router(), clock=None)(lambda **kw: "answer")(  # type: ignore[arg-type]
                 route=RouteRequest("chat", 3)
             ),
             id="routed-clock",

@@ -6,7 +6,7 @@ import json
 import threading
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from flask import Flask, Response, abort, g, jsonify, request
@@ -534,7 +534,7 @@ def test_g_principal_and_flask_login_style_users_are_principals() -> None:
     client = app.test_client()
 
     def send(**headers: str) -> bytes:
-        return client.post("/x", headers={"Idempotency-Key": "k", **headers}).data
+        return cast(bytes, client.post("/x", headers={"Idempotency-Key": "k", **headers}).data)
 
     assert send(**{"X-Principal": "p1"}) == b"1"
     assert send(**{"X-Principal": "p2"}) == b"2"

@@ -53,6 +53,13 @@ CONTRACT_KEYS = {
 }
 
 
+def _cost(model: str, *tokens: int) -> float:
+    """``cost_usd`` of a model the price table has."""
+    cost = cost_usd(model, *tokens)
+    assert cost is not None
+    return cost
+
+
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
@@ -118,9 +125,7 @@ def test_report_figures_match_hand_computed_values(
     assert report["cached_tokens"] == 90 * 900
     assert report["total_tokens"] == report["input_tokens"] + report["output_tokens"]
     assert report["cache_hit_rate"] == pytest.approx(81_000 / 110_000)
-    expected_cost = 90 * cost_usd("gpt-4o-mini", 1000, 100, 900) + 10 * cost_usd(
-        "gpt-4o", 2000, 500, 0
-    )
+    expected_cost = 90 * _cost("gpt-4o-mini", 1000, 100, 900) + 10 * _cost("gpt-4o", 2000, 500, 0)
     assert report["total_cost_usd"] == pytest.approx(expected_cost)
     assert report["avg_cost_per_request"] == pytest.approx(expected_cost / 100)
     assert report["projected_monthly_cost_usd"] == pytest.approx(expected_cost / 100.0 * 30 * 86400)
@@ -131,7 +136,7 @@ def test_report_figures_match_hand_computed_values(
     assert report["by_model"]["gpt-4o-mini"]["errors"] == 3
     assert report["by_model"]["gpt-4o-mini"]["tier"] == "mini"
     assert report["by_tier"]["full"]["cost_usd"] == pytest.approx(
-        10 * cost_usd("gpt-4o", 2000, 500, 0)
+        10 * _cost("gpt-4o", 2000, 500, 0)
     )
     assert report["observed_seconds"] == pytest.approx(100.0)
     assert report["until"] - report["since"] == pytest.approx(100.0)
@@ -284,9 +289,9 @@ def test_numbers_of_other_types_are_accepted(collector: MetricsCollector) -> Non
         def __index__(self) -> int:
             return 7
 
-    collector.record_request("gpt-4o-mini", input_tokens=TokenCount(), latency_ms=100)
-    collector.record_request("gpt-4o-mini", latency_ms=Decimal("100.5"), cost_usd=0)
-    collector.record_request("gpt-4o-mini", latency_ms=Fraction(201, 2), cost_usd=Decimal("0.5"))
+    collector.record_request("gpt-4o-mini", input_tokens=TokenCount(), latency_ms=100)  # type: ignore[arg-type]
+    collector.record_request("gpt-4o-mini", latency_ms=Decimal("100.5"), cost_usd=0)  # type: ignore[arg-type]
+    collector.record_request("gpt-4o-mini", latency_ms=Fraction(201, 2), cost_usd=Decimal("0.5"))  # type: ignore[arg-type]
     report = collector.report()
     assert report["total_requests"] == 3
     assert report["input_tokens"] == 7
@@ -362,7 +367,7 @@ def test_eight_threads_times_100k_records_give_exact_totals(clock: FakeClock) ->
     assert report["latency_all_ms"]["count"] == total
     half = per_thread // 2  # every other call has one cached token
     expected_cost = sum(
-        count * half * (cost_usd(model, 10, 3, 0) + cost_usd(model, 10, 3, 1))
+        count * half * (_cost(model, 10, 3, 0) + _cost(model, 10, 3, 1))
         for model, count in (("gpt-4o-mini", 6), ("gpt-4o", 2))
     )
     assert report["total_cost_usd"] == pytest.approx(expected_cost, rel=1e-9)
@@ -638,9 +643,7 @@ def test_timeseries_has_a_point_per_minute_summing_to_the_window(
     assert first["latency_ms"]["mini"]["p50"] == pytest.approx(100.0, rel=RELATIVE_ERROR)
     assert points[-1]["requests"] == 0  # the current minute
     assert points[-1]["latency_ms"]["mini"]["p95"] is None
-    assert first["cost_usd"] == pytest.approx(
-        cost_usd("gpt-4o-mini", 10, 0) + cost_usd("gpt-4o", 10, 0)
-    )
+    assert first["cost_usd"] == pytest.approx(_cost("gpt-4o-mini", 10, 0) + _cost("gpt-4o", 10, 0))
     json.dumps(points, allow_nan=False)
 
 
@@ -743,7 +746,7 @@ def test_default_collector_counts_ai_calls_without_setup(
     report = fresh_default.report()
     assert report["total_requests"] == 3
     assert report["cached_tokens"] == 3 * 1024
-    assert report["total_cost_usd"] == pytest.approx(3 * cost_usd("gpt-4o-mini", 1200, 80, 1024))
+    assert report["total_cost_usd"] == pytest.approx(3 * _cost("gpt-4o-mini", 1200, 80, 1024))
 
 
 def test_replaced_default_collector_stops_receiving_calls(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import sys
 import types
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -90,9 +90,9 @@ def test_exposition_parses_back_to_the_collectors_figures(collector: MetricsColl
     assert _value(samples, "ai_guard_tokens_total", **mini, type="output") == 4_000
     assert _value(samples, "ai_guard_tokens_total", **mini, type="cached") == 32_000
     assert _value(samples, "ai_guard_tokens_total", **full, type="output") == 3_000
-    assert _value(samples, "ai_guard_cost_usd_total", **mini) == pytest.approx(
-        40 * cost_usd("gpt-4o-mini", 1000, 100, 800)
-    )
+    mini_cost = cost_usd("gpt-4o-mini", 1000, 100, 800)
+    assert mini_cost is not None
+    assert _value(samples, "ai_guard_cost_usd_total", **mini) == pytest.approx(40 * mini_cost)
     assert _value(samples, "ai_guard_retries_total", **mini) == 4
     assert _value(samples, "ai_guard_fallbacks_total", **full) == 10
     report = collector.report()
@@ -198,9 +198,9 @@ def test_circuit_state_gauge_is_empty_without_the_breaker_module(
 
 
 def test_real_breakers_appear_in_the_gauge(collector: MetricsCollector) -> None:
-    from ai_guard.breaker import circuit_breaker
+    from ai_guard.breaker import CircuitBreaker, circuit_breaker
 
-    breaker = circuit_breaker("prometheus-test-breaker")
+    breaker = cast(CircuitBreaker, circuit_breaker("prometheus-test-breaker"))  # a plain name
     samples = _samples(render_prometheus(collector)[0])
     assert (
         _value(samples, "ai_guard_circuit_state", breaker="prometheus-test-breaker")

@@ -270,7 +270,11 @@ def test_a_5xx_burst_opens_the_breaker_after_five_calls_and_it_heals_after_30s(
     ledger.assert_counted(collector, upstream)
     assert collector.report()["retries"] == 10
     # one log line per logical call, with the circuit state the call met
-    states = [r.circuit_state for r in caplog.records if getattr(r, "event", None) == "ai_call"]
+    states = [
+        r.circuit_state  # type: ignore[attr-defined]  # a field of the log line (extra=)
+        for r in caplog.records
+        if getattr(r, "event", None) == "ai_call"
+    ]
     assert states == ["closed"] * 5 + ["open"] * 2 + ["half_open"] * 2 + ["closed"]
 
 
@@ -372,7 +376,7 @@ def test_connection_resets_are_typed_a_failed_trial_reopens_and_successes_close(
 
 # -- streams that break ------------------------------------------------------------------
 
-BROKEN_STREAMS = {
+BROKEN_STREAMS: dict[str, tuple[dict[str, object], str]] = {
     "truncated": ({"stream_drop_after": 3}, "the connection dropped mid-stream"),
     "error-event": ({"stream_error_after": 3}, "server had an error"),
     "malformed": ({"malformed_sse": True}, "malformed stream data"),

@@ -148,7 +148,7 @@ def test_32_threads_x_2000_calls_through_the_guard_stack_are_counted_exactly() -
         budget=budget,
         clock=clock,
     )
-    def ask(*, messages: list[Any], model: str, route: RouteRequest) -> ChatResult:
+    def ask(*, messages: list[Any], model: str = "", route: RouteRequest) -> ChatResult:
         return upstream(messages=messages, model=model, route=route)
 
     def work(worker: int) -> collections.Counter[str]:
@@ -167,7 +167,9 @@ def test_32_threads_x_2000_calls_through_the_guard_stack_are_counted_exactly() -
                     seen["ok"] += 1
         return seen
 
-    outcomes = sum(run_threads(work, threads=THREADS, watchdog=120), collections.Counter())
+    outcomes: collections.Counter[str] = sum(
+        run_threads(work, threads=THREADS, watchdog=120), collections.Counter()
+    )
     calls = THREADS * CALLS_PER_THREAD
     assert sum(outcomes.values()) == calls
     failures = calls - outcomes["ok"]

@@ -30,7 +30,7 @@ import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from flask import Flask, Response, jsonify, request
@@ -127,7 +127,7 @@ def assert_all_work(store: RedisStore, tag: str) -> None:
     assert operations["compare_and_set"]() is True
     assert operations["compare_and_delete"]() is True
     assert operations["incr"]() == 1
-    assert 0 < (operations["ttl"]() or 0) <= 30
+    assert 0 < (cast("float | None", operations["ttl"]()) or 0) <= 30
     assert operations["run"]() == b"echo"  # the script is loaded again after a restart
 
 

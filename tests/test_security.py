@@ -43,7 +43,7 @@ from ai_guard.logs import JSONFormatter
 from ai_guard.metrics import OTHER_MODEL, MetricsCollector
 from ai_guard.pacing import RateLimitBudget
 from ai_guard.routing import Router, RouteRequest
-from ai_guard.stores import MemoryStore, Script, Store
+from ai_guard.stores import MemoryStore, Script, ScriptOps, Store
 from ai_guard.testing import FakeClock, FakeUpstream
 from ai_guard.types import StreamEvent
 from tests.conftest import free_port
@@ -302,10 +302,16 @@ def test_the_api_key_is_in_no_log_span_error_or_repr_after_calls_that_failed_eve
 
 # -- stores and per-model tables stay bounded under a flood ------------------------------
 
+
+def _counter_python(ops: ScriptOps, keys: list[str], args: list[str]) -> bytes:
+    ops.set(keys[0], args[0].encode())
+    return args[0].encode()
+
+
 COUNTER: Script[bytes] = Script(
     name="security_flood",
     lua="redis.call('SET', KEYS[1], ARGV[1]) return ARGV[1]",
-    python=lambda ops, keys, args: (ops.set(keys[0], args[0].encode()), args[0].encode())[1],
+    python=_counter_python,
 )
 
 

@@ -216,7 +216,11 @@ def test_healthy_traffic_meets_every_slo(clock: FakeClock) -> None:
     assert results["mini_usage"].actual == pytest.approx(90.0)
     assert results["cache_hit_rate"].actual == pytest.approx(0.9)
     assert results["latency_p95_mini"].actual == pytest.approx(400.0, rel=0.01)
-    spend = 180 * cost_usd("gpt-4o-mini", 1000, 50, 900) + 20 * cost_usd("gpt-4o", 1000, 50, 900)
+    mini_cost = cost_usd("gpt-4o-mini", 1000, 50, 900)
+    full_cost = cost_usd("gpt-4o", 1000, 50, 900)
+    assert mini_cost is not None
+    assert full_cost is not None
+    spend = 180 * mini_cost + 20 * full_cost
     assert results["monthly_cost"].actual == pytest.approx(spend / 3600 * 30 * 86400)
     assert collector.slo_status()["all_met"] is True
 
