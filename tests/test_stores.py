@@ -294,6 +294,100 @@ def test_memory_reads_without_the_lock_see_only_live_values_of_their_own_key() -
     assert len(store) <= 96
 
 
+def _transfer_python(ops: ScriptOps, keys: list[str], args: list[str]) -> int:
+    source, target = keys
+    amount = int(args[0])
+    have = int(ops.get(source) or b"0")
+    if have < amount:
+        return 0
+    ops.set(source, str(have - amount).encode(), 3600)
+    ops.set(target, str(int(ops.get(target) or b"0") + amount).encode(), 3600)
+    return 1
+
+
+TRANSFER: Script[bool] = Script(
+    name="transfer",
+    lua=(
+        "local have = tonumber(redis.call('GET', KEYS[1]) or '0') "
+        "local amount = tonumber(ARGV[1]) "
+        "if have < amount then return 0 end "
+        "redis.call('SET', KEYS[1], tostring(have - amount), 'EX', 3600) "
+        "local other = tonumber(redis.call('GET', KEYS[2]) or '0') "
+        "redis.call('SET', KEYS[2], tostring(other + amount), 'EX', 3600) "
+        "return 1"
+    ),
+    python=_transfer_python,
+    decode=bool,
+)
+
+
+def test_scripts_over_two_keys_in_both_orders_neither_deadlock_nor_lose_a_unit() -> None:
+    """A script holds the locks of all its keys (taken in one order): 16 threads moving
+    units between 8 accounts, each pair in both directions, keep the total exact."""
+    store = MemoryStore()
+    accounts = [f"acct:{i}" for i in range(8)]
+    for account in accounts:
+        store.set(account, b"1000", ttl=3600)
+    threads, moves = 16, 500
+    barrier = threading.Barrier(threads)
+
+    def mover(n: int) -> None:
+        barrier.wait()
+        for m in range(moves):
+            a, b = accounts[(n + m) % 8], accounts[(n * 3 + m * 5 + 1) % 8]
+            if a != b:
+                store.run(TRANSFER, [a, b], [1 + m % 3])
+
+    workers = [threading.Thread(target=mover, args=(n,)) for n in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=60)
+    assert not any(w.is_alive() for w in workers), "deadlock: a mover never finished"
+    assert sum(int(store.get(a) or b"0") for a in accounts) == 8000
+
+
+def test_memory_store_under_eviction_from_every_stripe_stays_bounded_and_raises_nothing() -> None:
+    """Writes on one lock stripe evict keys of the others: 16 threads claiming,
+    completing, deleting, counting and reading over 4x more keys than the store holds
+    raise nothing, and the store ends within its bound."""
+    store = MemoryStore(maxsize=64)
+    keys = [f"key:{i}" for i in range(256)]
+    threads, rounds = 16, 2000
+    barrier = threading.Barrier(threads)
+    errors: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        barrier.wait()
+        try:
+            for r in range(rounds):
+                key = keys[(n * 37 + r * 11) % len(keys)]
+                step = r % 6
+                if step == 0:
+                    store.add_or_get(key, b"claim", ttl=60)
+                elif step == 1:
+                    store.compare_and_set(key, b"claim", b"done", ttl=60)
+                elif step == 2:
+                    store.set(key, b"x", ttl=60)
+                elif step == 3:
+                    store.incr(f"count:{n % 4}")
+                elif step == 4:
+                    store.compare_and_delete(key, b"done")
+                else:
+                    value = store.get(key)
+                    assert value in (None, b"claim", b"done", b"x"), value
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    workers = [threading.Thread(target=worker, args=(n,)) for n in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+    assert not errors, errors[:3]
+    assert len(store) <= 64
+
+
 def test_32_threads_incrementing_lose_no_update(store: Store) -> None:
     threads, per_thread = 32, 200
     barrier = threading.Barrier(threads)

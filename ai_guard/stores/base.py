@@ -30,7 +30,8 @@ StoreValue = str | bytes | int | float
 
 class ScriptOps(Protocol):
     """What the Python side of a :class:`Script` may do: the store's primitive operations,
-    run while the memory store holds its lock (so the script is atomic)."""
+    run while the memory store holds the locks of the script's keys (so the script is
+    atomic). As in Redis, a script touches only the keys it is given."""
 
     def get(self, key: str) -> bytes | None: ...
 
@@ -49,22 +50,23 @@ def _identity(value: Any) -> Any:
 class Script(Generic[T]):
     """An atomic operation over some keys, implemented once per backend.
 
-    ``lua`` runs in Redis with ``KEYS`` and ``ARGV``; ``python(ops, keys, args)`` runs in
-    the memory store under its lock. Both must return the same raw value (as redis-py
-    would give it: ``int``, ``bytes``, ``None`` or a list of those); ``decode`` maps that
-    raw value to the result type.
+        ``lua`` runs in Redis with ``KEYS`` and ``ARGV``; ``python(ops, keys, args)`` runs in
+        the memory store under its lock. Both must return the same raw value (as redis-py
+        would give it: ``int``, ``bytes``, ``None`` or a list of those); ``decode`` maps that
+        raw value to the result type. Like a Redis script, the Python side reads and writes only
+    the keys it is given: the memory store locks those.
 
-    Example: a "set if greater" over one key::
+        Example: a "set if greater" over one key::
 
-        SET_IF_GREATER = Script(
-            name="set_if_greater",
-            lua=(
-                "local cur = tonumber(redis.call('GET', KEYS[1]) or '-inf') "
-                "if tonumber(ARGV[1]) > cur then redis.call('SET', KEYS[1], ARGV[1]) "
-                "return 1 end return 0"
-            ),
-            python=_set_if_greater,
-        )
+            SET_IF_GREATER = Script(
+                name="set_if_greater",
+                lua=(
+                    "local cur = tonumber(redis.call('GET', KEYS[1]) or '-inf') "
+                    "if tonumber(ARGV[1]) > cur then redis.call('SET', KEYS[1], ARGV[1]) "
+                    "return 1 end return 0"
+                ),
+                python=_set_if_greater,
+            )
     """
 
     name: str
