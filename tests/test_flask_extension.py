@@ -3,10 +3,12 @@ breaker transitions and idempotent views."""
 
 from __future__ import annotations
 
+import io
 import logging
+import sys
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -21,7 +23,7 @@ from ai_guard.breaker import CircuitBreaker, default_registry
 from ai_guard.context import bind_sinks, bound_sinks, default_sinks
 from ai_guard.errors import CircuitOpenError, ConfigError, UpstreamError
 from ai_guard.flask import AIGuard, AIGuardState, current_state, load_settings
-from ai_guard.flask._extension import SinkBindingMiddleware, own_urls_pattern
+from ai_guard.flask._extension import SinkBindingMiddleware, _BoundBody, own_urls_pattern
 from ai_guard.idempotency import idempotent
 from ai_guard.logs import log_call
 from ai_guard.metrics import MetricsCollector
@@ -391,6 +393,72 @@ def test_prometheus_multiprocess_mode_binds_the_process_prometheus_sink(
     other = make_app("other", AI_GUARD_TRACING=False)
     AIGuard(other)
     assert current_state(other).sinks.count(default_prometheus_sink()) == 1
+
+
+def _body_of(app: Flask, path: str) -> Any:
+    """What the app's WSGI callable hands the server for ``GET path`` (not iterated)."""
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": path,
+        "SERVER_NAME": "localhost",
+        "SERVER_PORT": "80",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "wsgi.url_scheme": "http",
+        "wsgi.input": io.BytesIO(),
+        "wsgi.errors": sys.stderr,
+    }
+    return app.wsgi_app(environ, _start_response)
+
+
+def _start_response(
+    status: str, headers: list[tuple[str, str]], exc_info: Any = None, /
+) -> Callable[[bytes], object]:
+    return lambda data: None
+
+
+def test_a_response_built_at_once_goes_to_the_server_unwrapped() -> None:
+    """Its body runs no code of the app, so no per-step sink binding is paid for it."""
+    app = make_app(AI_GUARD_TRACING=False)
+    AIGuard(app)
+    add_ai_view(app)
+    body = _body_of(app, "/ask")
+    assert not isinstance(body, _BoundBody)
+    assert b"".join(body) == b'{"ok":true}\n'
+    body.close()
+    assert current_state(app).collector.report()["total_requests"] == 1
+
+
+def test_an_ai_call_in_a_call_on_close_callback_is_counted_by_the_app() -> None:
+    app = make_app(AI_GUARD_TRACING=False)
+    AIGuard(app)
+
+    @app.get("/close")
+    def close_view() -> Response:
+        response = jsonify(ok=True)
+        response.call_on_close(lambda: ask("after"))  # runs when the server closes the body
+        return response
+
+    body = _body_of(app, "/close")
+    assert isinstance(body, _BoundBody)
+    assert b"".join(body) == b'{"ok":true}\n'
+    assert current_state(app).collector.report()["total_requests"] == 0
+    body.close()
+    assert current_state(app).collector.report()["total_requests"] == 1
+    assert bound_sinks() == default_sinks()
+
+
+def test_a_generator_body_is_wrapped() -> None:
+    app = make_app(AI_GUARD_TRACING=False)
+    AIGuard(app)
+
+    @app.get("/gen")
+    def gen() -> Response:
+        return Response(iter([b"a", b"b"]))
+
+    body = _body_of(app, "/gen")
+    assert isinstance(body, _BoundBody)
+    assert b"".join(body) == b"ab"
+    body.close()
 
 
 def test_a_file_response_is_passed_to_the_server_untouched() -> None:

@@ -45,6 +45,9 @@ from typing import Any, ParamSpec, TypeVar, cast
 
 from flask import Flask, Request, current_app
 from pydantic import ConfigDict, Field, SecretStr, ValidationInfo, field_validator
+from werkzeug.wrappers import Response as WerkzeugResponse
+from werkzeug.wrappers import response as _werkzeug_response
+from werkzeug.wsgi import ClosingIterator
 
 from ai_guard.breaker import BreakerEvent, CircuitBreaker, all_breakers, default_registry
 from ai_guard.config import STORE_SCHEMES, GuardConfig, build_config
@@ -287,7 +290,9 @@ class SinkBindingMiddleware:
     fails or a server iterates the body elsewhere. A streamed body (a generator view,
     ``stream_with_context`` or not) runs after ``wsgi_app`` has returned; the iterable
     returned here binds the sinks again around each step and around ``close()``, so an AI
-    call made while streaming is counted by the app too. A ``wsgi.file_wrapper`` body (a
+    call made while streaming is counted by the app too. A body that runs none of the
+    app's code (a response built at once, nothing to call on close: most responses) is
+    returned as it is. A ``wsgi.file_wrapper`` body (a
     file sent by ``send_file``) is passed through untouched so the server can still use
     ``sendfile``.
     """
@@ -305,10 +310,46 @@ class SinkBindingMiddleware:
             body = self.wsgi_app(environ, start_response)
         finally:
             _BOUND_SINKS.reset(token)
+        if _runs_no_app_code(body):
+            return body
         file_wrapper = environ.get("wsgi.file_wrapper")
         if isinstance(file_wrapper, type) and isinstance(body, file_wrapper):
             return body
         return _BoundBody(body, sinks)
+
+
+def _runs_no_app_code(body: object) -> bool:
+    """Whether iterating and closing ``body`` runs none of the app's code, so that it
+    needs no sinks bound: Werkzeug's body of a response built at once (its ``response``
+    a list of bytes, as ``jsonify``, a string or a dict give) with nothing registered by
+    ``call_on_close``. Anything else (a generator, ``stream_with_context``, a custom
+    iterable or response class, another Werkzeug version's internals) is wrapped. The
+    check reads the final response, after every ``after_request`` function has run."""
+    if type(body) is not ClosingIterator:
+        return False
+    callbacks = getattr(body, "_callbacks", None)
+    if type(callbacks) is not list or not callbacks:
+        return False
+    *encoders, close = callbacks
+    response = getattr(close, "__self__", None)
+    if not (
+        isinstance(response, WerkzeugResponse)
+        and getattr(close, "__func__", None) is WerkzeugResponse.close
+        and type(response.response) is list
+        and getattr(response, "_on_close", None) == []
+    ):
+        return False
+    # The generator Werkzeug encodes the list with: closing it runs Werkzeug's code only.
+    for encoder_close in encoders:
+        generator = getattr(encoder_close, "__self__", None)
+        if getattr(generator, "gi_code", None) is not _ITER_ENCODED_CODE or generator is None:
+            return False
+    return True
+
+
+#: The code of the generator Werkzeug encodes a response's list with (``None`` if this
+#: Werkzeug has none by that name: then every body with such a generator is wrapped).
+_ITER_ENCODED_CODE = getattr(getattr(_werkzeug_response, "_iter_encoded", None), "__code__", None)
 
 
 class _BoundBody:
