@@ -182,8 +182,9 @@ class BreakerConfig(GuardConfig):
     success_threshold: int = Field(default=2, ge=1)
     #: Seconds the circuit stays open before trial calls are admitted.
     timeout: float = Field(default=30.0, gt=0, allow_inf_nan=False)
-    #: Seconds of the sliding window failures (and calls) are counted in.
-    window: float = Field(default=60.0, gt=0, allow_inf_nan=False)
+    #: Seconds of the sliding window failures (and calls) are counted in: at least a
+    #: millisecond (a subnormal window made its bucket arithmetic overflow).
+    window: float = Field(default=60.0, ge=0.001, allow_inf_nan=False)
     #: Calls needed in the window before the failure rate is evaluated.
     minimum_calls: int = Field(default=10, ge=1)
     #: Seconds after which a call counts as a failure even when it returned.

@@ -1011,6 +1011,7 @@ USER_CALLABLES = frozenset(
 @example(("idempotent", {"clock": None}))  # was accepted, AttributeError on a call
 @example(("AIClient", {"headers": True}))  # was a TypeError naming nothing
 @example(("RateLimitBudget", {"key": b"raw|{model}"}))  # was a TypeError naming nothing
+@example(("CircuitBreaker", {"window": 2.225073858507203e-309}))  # was an OverflowError
 def test_every_guard_with_random_settings_works_or_names_the_bad_setting(
     case: tuple[str, dict[str, Any]],
 ) -> None:
