@@ -16,10 +16,17 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
 
 from ai_guard.clock import set_testing
 from ai_guard.stores import MemoryStore, RedisStore, Store
 from ai_guard.testing import FakeClock
+
+# CI explores the same examples on every run (HYPOTHESIS_PROFILE=ci, set by .ci/run), so
+# that a red build always means a change broke something; a developer's run explores new
+# ones, and what it finds becomes an @example.
+settings.register_profile("ci", derandomize=True, database=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 def free_port() -> int:
