@@ -348,43 +348,46 @@ def evaluate_slos(
                 config,
             )
         )
-    if config.cache_hit_rate is not None:
-        actual = report.get("cache_hit_rate")
+    # The SLOs judged on a figure of the report alone (no error budget).
+    plain: tuple[tuple[str, str, Literal["<=", ">="], float | None, str, str], ...] = (
+        (
+            "cache_hit_rate",
+            "cached prompt tokens / prompt tokens",
+            ">=",
+            config.cache_hit_rate,
+            "cache_hit_rate",
+            "ratio",
+        ),
+        (
+            "mini_usage",
+            "percentage of calls served by the mini tier",
+            ">=",
+            config.mini_percentage,
+            "mini_percentage",
+            "percent",
+        ),
+        (
+            "monthly_cost",
+            "cost projected over 30 days from the current spend rate",
+            "<=",
+            config.monthly_cost_usd,
+            "projected_monthly_cost_usd",
+            "USD",
+        ),
+    )
+    for name, description, objective, goal, report_key, unit in plain:
+        if goal is None:
+            continue
+        actual = report.get(report_key)
         results.append(
             SLOResult(
-                name="cache_hit_rate",
-                description="cached prompt tokens / prompt tokens",
-                objective=">=",
-                target=config.cache_hit_rate,
+                name=name,
+                description=description,
+                objective=objective,
+                target=goal,
                 actual=actual,
-                unit="ratio",
-                met=_met(actual, ">=", config.cache_hit_rate),
-            )
-        )
-    if config.mini_percentage is not None:
-        actual = report.get("mini_percentage")
-        results.append(
-            SLOResult(
-                name="mini_usage",
-                description="percentage of calls served by the mini tier",
-                objective=">=",
-                target=config.mini_percentage,
-                actual=actual,
-                unit="percent",
-                met=_met(actual, ">=", config.mini_percentage),
-            )
-        )
-    if config.monthly_cost_usd is not None:
-        actual = report.get("projected_monthly_cost_usd")
-        results.append(
-            SLOResult(
-                name="monthly_cost",
-                description="cost projected over 30 days from the current spend rate",
-                objective="<=",
-                target=config.monthly_cost_usd,
-                actual=actual,
-                unit="USD",
-                met=_met(actual, "<=", config.monthly_cost_usd),
+                unit=unit,
+                met=_met(actual, objective, goal),
             )
         )
     return results

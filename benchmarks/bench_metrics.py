@@ -108,7 +108,9 @@ def cases() -> list[Case]:
 # -- memory --------------------------------------------------------------------------------
 
 
-def _record(collector: MetricsCollector, clock: FakeClock, start: int, n: int) -> None:
+def record_load(collector: MetricsCollector, clock: FakeClock, start: int, n: int) -> None:
+    """Records ``start`` to ``start + n`` of a fixed mix of calls (two models, errors, cache
+    hits), the clock stepped so that the records span hours: every ring wraps."""
     rec = collector.record_request
     advance = clock.advance
     for i in range(start, start + n):
@@ -124,7 +126,7 @@ def _record(collector: MetricsCollector, clock: FakeClock, start: int, n: int) -
             advance(7.3)  # the records span hours to months: every ring wraps
 
 
-def _retained_size(root: object) -> int:
+def retained_size(root: object) -> int:
     """Bytes of every object reachable from ``root``, classes, modules and functions
     aside."""
     seen: set[int] = set()
@@ -145,17 +147,17 @@ def results(quick: bool) -> list[Result]:
     many = 1_000_000 if quick else 10_000_000
     clock = FakeClock()
     collector = MetricsCollector(clock=clock)
-    _record(collector, clock, 0, 10_000)
+    record_load(collector, clock, 0, 10_000)
     collector.report()
     gc.collect()
-    small = _retained_size(collector)
+    small = retained_size(collector)
     blocks_small = sys.getallocatedblocks()
     began = time.perf_counter()
-    _record(collector, clock, 10_000, many - 10_000)
+    record_load(collector, clock, 10_000, many - 10_000)
     elapsed = time.perf_counter() - began
     collector.report()
     gc.collect()
-    large = _retained_size(collector)
+    large = retained_size(collector)
     blocks_large = sys.getallocatedblocks()
     assert collector.report()["total_requests"] == many
 
@@ -164,10 +166,10 @@ def results(quick: bool) -> list[Result]:
     tracemalloc.start()
     try:
         traced = MetricsCollector(clock=traced_clock)
-        _record(traced, traced_clock, 0, 10_000)
+        record_load(traced, traced_clock, 0, 10_000)
         gc.collect()
         traced_small = tracemalloc.get_traced_memory()[0]
-        _record(traced, traced_clock, 10_000, 90_000)
+        record_load(traced, traced_clock, 10_000, 90_000)
         gc.collect()
         traced_large = tracemalloc.get_traced_memory()[0]
     finally:

@@ -24,6 +24,7 @@ from ai_guard.metrics import MetricsCollector
 from ai_guard.testing import FakeClock
 from ai_guard.tracing import traced_ai
 from ai_guard.types import ChatResult, Usage
+from tests.test_metrics import CONTRACT_KEYS
 
 PROBLEM = "application/problem+json"
 TOKEN = "t0ken-for-the-metrics-0123456789"
@@ -102,20 +103,7 @@ def test_metrics_is_the_collector_report_as_json(clock: FakeClock) -> None:
     assert response.mimetype == "application/json"
     assert response.headers["Cache-Control"] == "no-store"
     report = response.get_json()
-    for key in (
-        "total_requests",
-        "mini_requests",
-        "full_requests",
-        "mini_percentage",
-        "total_tokens",
-        "cached_tokens",
-        "cache_hit_rate",
-        "total_cost_usd",
-        "avg_cost_per_request",
-        "error_rate",
-        "availability",
-        "latency_ms",
-    ):
+    for key in CONTRACT_KEYS:
         assert key in report
     assert report["total_requests"] == 10
     assert report["mini_percentage"] == 90.0

@@ -13,7 +13,6 @@ import sys
 import threading
 import time
 import tracemalloc
-import types
 import warnings
 from collections.abc import Iterator
 from decimal import Decimal
@@ -36,6 +35,7 @@ from ai_guard.metrics import (
 from ai_guard.pricing import ModelSpec, cost_usd
 from ai_guard.testing import FakeClock
 from ai_guard.types import ChatResult, Usage
+from benchmarks.bench_metrics import record_load, retained_size
 
 CONTRACT_KEYS = {
     "total_requests",
@@ -444,39 +444,6 @@ def test_many_short_lived_threads_leave_nothing_behind(clock: FakeClock) -> None
 # -- memory ----------------------------------------------------------------------------------
 
 
-def _record_load(collector: MetricsCollector, clock: FakeClock, start: int, n: int) -> None:
-    rec = collector.record_request
-    advance = clock.advance
-    for i in range(start, start + n):
-        rec(
-            "gpt-4o-mini" if i % 8 else "gpt-4o",
-            input_tokens=i % 3000,
-            output_tokens=i % 700,
-            cached_tokens=i % 1000 if i % 3000 >= 1000 else 0,
-            latency_ms=20.0 + (i * 7919) % 4000,
-            error=i % 97 == 0,
-        )
-        if i % 100 == 0:
-            advance(7.3)  # a million records span 20 hours: every ring wraps many times
-
-
-def _retained_size(root: object) -> int:
-    """Bytes of every object reachable from ``root`` (classes, modules and functions
-    aside): what the collector holds on to."""
-    seen: set[int] = set()
-    stack = [root]
-    total = 0
-    skip = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType)
-    while stack:
-        obj = stack.pop()
-        if id(obj) in seen or isinstance(obj, skip):
-            continue
-        seen.add(id(obj))
-        total += sys.getsizeof(obj)
-        stack.extend(gc.get_referents(obj))
-    return total
-
-
 def test_traced_memory_is_flat_from_ten_thousand_records_on() -> None:
     # tracemalloc slows every allocation tenfold: 10^5 records here, 10^6 below without
     # it, 10^7 in benchmarks/bench_metrics.py.
@@ -485,11 +452,11 @@ def test_traced_memory_is_flat_from_ten_thousand_records_on() -> None:
     tracemalloc.start()
     try:
         collector = MetricsCollector(clock=clock)
-        _record_load(collector, clock, 0, 10_000)
+        record_load(collector, clock, 0, 10_000)
         collector.report()
         gc.collect()
         after_ten_thousand = tracemalloc.get_traced_memory()[0]
-        _record_load(collector, clock, 10_000, 90_000)
+        record_load(collector, clock, 10_000, 90_000)
         collector.report()
         gc.collect()
         after_a_hundred_thousand = tracemalloc.get_traced_memory()[0]
@@ -504,15 +471,15 @@ def test_traced_memory_is_flat_from_ten_thousand_records_on() -> None:
 def test_retained_memory_is_the_same_after_ten_thousand_and_a_million_records() -> None:
     clock = FakeClock()
     collector = MetricsCollector(clock=clock)
-    _record_load(collector, clock, 0, 10_000)
+    record_load(collector, clock, 0, 10_000)
     collector.report()
     gc.collect()
-    size_ten_thousand = _retained_size(collector)
+    size_ten_thousand = retained_size(collector)
     blocks_ten_thousand = sys.getallocatedblocks()
-    _record_load(collector, clock, 10_000, 990_000)
+    record_load(collector, clock, 10_000, 990_000)
     collector.report()
     gc.collect()
-    size_a_million = _retained_size(collector)
+    size_a_million = retained_size(collector)
     blocks_a_million = sys.getallocatedblocks()
     assert collector.report()["total_requests"] == 1_000_000
     assert abs(size_a_million - size_ten_thousand) < 0.001 * size_ten_thousand

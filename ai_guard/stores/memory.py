@@ -85,9 +85,6 @@ class MemoryStore(Store):
         self._stripe_mask = LOCK_STRIPES - 1
         self._ops = _LockedOps(self)
 
-    def _lock_of(self, key: str) -> threading.Lock:
-        return self._locks[hash(key) & self._stripe_mask]
-
     # -- primitives, called with the key's lock held -------------------------------------
     # Another stripe's write may evict any key at any moment (the oldest goes when a new
     # key comes in beyond maxsize): so a key is removed with pop(key, None), never del,
